@@ -53,6 +53,7 @@ def load_params(path: str, shardings: Any = None) -> tuple[ml_collections.Config
   else:
     meta = ckpt.metadata(target)
     tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)  # orbax TreeMetadata wraps the nested dict
     abstract = jax.tree.map(
         lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), tree, shardings)
     params = ckpt.restore(target, abstract)
