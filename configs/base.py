@@ -77,8 +77,21 @@ def get_config() -> ml_collections.ConfigDict:
   d.kb_files = ml_collections.FieldReference(None, field_type=list)
   d.kb_tfds_name = ""
   d.kb_tfds_split = "train"
+  d.kb_tfds_data_dir = ""  # empty = tfds_data_dir
+  d.kb_text_field = ""  # empty = text_field
+  # Knowledge base = kb_files, else kb_tfds_name, else the corpus's own (knowledge_world)
+  # or the training text itself (files / tfds).
+  d.txt_docs = "blank_line"  # .txt documents: blank_line (blocks) | file (whole file)
+  d.max_split_bytes = 256 << 20  # plain files larger than this are read in byte ranges
   d.vocab_size = 8192
   d.tokenizer_model_type = "bpe"
+  d.tokenizer_sample_chars = 200_000_000  # evenly spaced sample of train + KB text
+  d.tokenizer_max_sentences = 10_000_000
+  d.eval_fraction = 0.01  # documents held out (by index hash) for the eval-loss split
+  d.eval_max_docs = 10_000
+  d.eval_seed = 0
+  d.shard_docs = 20_000  # documents per output shard (bounds memory while writing)
+  d.prepare_threads = 0  # tokenizer threads in prepare-data; 0 = all cores
   d.batch_size = 8  # global, sequences
   d.shuffle = True
   d.worker_count = 0
@@ -87,11 +100,29 @@ def get_config() -> ml_collections.ConfigDict:
            qa_per_entity=6, eval_questions_per_entity=2, n_distractors=9))
   d.embedder = "lexical"  # lexical | model
   d.embed_dim = 256
+  d.embed_model_layer = -1  # model embedder: layer whose states are pooled; -1 = n_layers // 2
+  d.neighbor_shard_size = 1024  # sequences per neighbor-table shard file
   d.neighbors_per_chunk = 1
   d.neighbor_candidates = 10
   d.train_overlap_threshold = 0.9
   d.eval_overlap_threshold = 2.0 / 3.0
   d.exclude_same_doc = False
+
+  # ---------------------------------------------------------------- memory bank
+  # `m3jax encode-memory` and m3jax.bank (WORKSPACE.md "Memory bank").
+  b = c.bank = ml_collections.ConfigDict()
+  b.shard_size = 1024  # references per shard file (shard s holds ref_ids [s*S, (s+1)*S))
+  b.encode_batch_size = 64  # references per encode step; divides shard_size
+  b.quantization = "none"  # none (bfloat16) | int8 | pq
+  b.pq_subvectors = (10, 4)  # 8-bit codes per residual stage: bytes per vector = sum
+  b.pq_groups = "layer_kv"  # codebook sets: shared | kv | layer_kv | layer_kv_head
+  b.pq_train_references = 4096  # uniform sample the codebooks are trained on
+  b.pq_iterations = 20  # k-means iterations
+  b.pq_opq_iterations = 0  # OPQ rotation rounds (0 = no rotation)
+  b.pq_seed = 0
+  b.cache_memories = 4096  # RAM LRU cache of decoded memories; 0 = off
+  b.prefetch = False  # background thread loading prefetch()ed ids ahead of lookup
+  b.verify = "touch"  # none | size (on open) | touch (+ sha256 on a shard's first read) | full
 
   # ---------------------------------------------------------------- train
   t = c.train = ml_collections.ConfigDict()

@@ -7,7 +7,7 @@ def get_config():
   c = base.get_config()
   c.name = "tiny"
   m = c.model
-  m.vocab_size = 256
+  m.vocab_size = 512
   m.d_model = 64
   m.n_layers = 4
   m.n_heads = 4
@@ -20,7 +20,7 @@ def get_config():
   m.reference_length = 24
   m.chunk_length = 16
   m.memories_per_chunk = 3
-  c.data.vocab_size = 256
+  c.data.vocab_size = 512
   c.data.batch_size = 8
   c.data.embed_dim = 64
   c.train.steps = 20
