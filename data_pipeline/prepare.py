@@ -1,0 +1,524 @@
+"""`m3jax prepare-data`: text in, tokenizer + references + packed sequences out.
+
+Stages, each written into `<data>/.tmp-<stage>-*` and renamed into place when done
+(so a killed run never leaves a stage that looks finished), each recording its
+settings in `<stage>/stage.json`:
+
+1. documents:  local files / the knowledge world -> `m3jax_documents` (splits
+               train, kb) and, for the knowledge world, `m3jax_qa` (train, eval).
+               A TFDS corpus is read in place and needs no copy.
+2. tokenizer:  `tokenizer.model` + `tokenizer.json`, trained on an evenly spaced
+               sample of train + KB text, or copied from `data.tokenizer`.
+               (It runs after the documents stage so that it can sample the whole
+               corpus by random access instead of reading its head.)
+3. references: KB documents -> `m3jax_references`.
+4. packed:     training text -> `m3jax_packed` (train, validation).
+
+A re-run reuses every finished stage whose settings match and refuses one whose
+settings differ (naming the fields), as well as a tokenizer that differs from the
+one the workdir was prepared with or that does not fit the model config. Settings
+of later stages include the settings hash of the stages they read, so a rebuilt
+input never silently pairs with stale outputs. `manifest.json` sums it all up.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from typing import Any, Callable, Iterator
+
+from data_pipeline import corpus as corpus_lib
+from data_pipeline import knowledge_world as kw_lib
+from data_pipeline import packing
+from data_pipeline import references as references_lib
+from data_pipeline import tfds_builders
+from data_pipeline import tokenizer as tok_lib
+
+MANIFEST = "manifest.json"
+FORMAT = "m3jax-data/1"
+def _say(msg: str, *args: Any) -> None:
+  print("prepare-data: " + (msg % args if args else msg), flush=True)
+
+
+class StageMismatchError(ValueError):
+  """A finished stage in the workdir was made with other settings."""
+
+
+def _config_error(field: str, msg: str) -> Exception:
+  from m3jax.config import ConfigError
+  return ConfigError(f"config field `{field}`: {msg}")
+
+
+def data_root(cfg: Any, workdir: str) -> str:
+  d = cfg.data.workdir_data
+  return os.path.abspath(d if os.path.isabs(d) else os.path.join(workdir, d))
+
+
+def validate_data_config(cfg: Any) -> None:
+  """Checks the data fields prepare-data uses; errors name the field."""
+  d = cfg.data
+  if d.corpus == "files" and not d.files:
+    raise _config_error("data.files", "data.corpus='files' needs a list of files or patterns")
+  if d.corpus == "tfds" and not d.tfds_name:
+    raise _config_error("data.tfds_name", "data.corpus='tfds' needs a dataset name")
+  if d.txt_docs not in corpus_lib.TXT_DOCS:
+    raise _config_error("data.txt_docs", f"must be one of {corpus_lib.TXT_DOCS}")
+  if d.tokenizer_model_type not in tok_lib.MODEL_TYPES:
+    raise _config_error("data.tokenizer_model_type", f"must be one of {tok_lib.MODEL_TYPES}")
+  if not 0.0 <= d.eval_fraction < 1.0:
+    raise _config_error("data.eval_fraction", "must be in [0, 1)")
+  for name in ("shard_docs", "max_split_bytes", "tokenizer_sample_chars",
+               "tokenizer_max_sentences"):
+    if d[name] <= 0:
+      raise _config_error(f"data.{name}", "must be positive")
+  if not d.tokenizer and d.vocab_size != cfg.model.vocab_size:
+    raise _config_error("data.vocab_size", f"{d.vocab_size} differs from model.vocab_size="
+                        f"{cfg.model.vocab_size}; the trained tokenizer would not fit the model")
+
+
+# ------------------------------------------------------------------ stages
+
+
+def _normalise(x: Any) -> Any:
+  return json.loads(json.dumps(x, sort_keys=True))
+
+
+def settings_hash(settings: Any) -> str:
+  return hashlib.sha256(json.dumps(_normalise(settings), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+  if isinstance(old, dict) and isinstance(new, dict):
+    out = []
+    for k in sorted(set(old) | set(new)):
+      out += _diff(old.get(k), new.get(k), f"{prefix}{k}.")
+    return out
+  return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+def _write_json(path: str, obj: Any) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def run_stage(root: str, name: str, settings: dict[str, Any],
+              build: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+  """Reuses `<root>/<name>` if its settings match; else builds it atomically.
+
+  `build(tmp_dir)` writes the stage's files into tmp_dir and returns info (paths
+  in it relative to tmp_dir). Returns the stage record (settings, info, seconds).
+  """
+  final = os.path.join(root, name)
+  record_path = os.path.join(final, "stage.json")
+  settings = _normalise(settings)
+  if os.path.exists(final):
+    if not os.path.isfile(record_path):
+      raise StageMismatchError(f"{final} exists but has no stage.json (not written by "
+                               f"prepare-data, or damaged); remove it to rebuild the stage")
+    with open(record_path) as f:
+      record = json.load(f)
+    if record["settings"] != settings:
+      diffs = "; ".join(_diff(record["settings"], settings)[:8])
+      raise StageMismatchError(
+          f"stage {name!r} in {final} was prepared with other settings ({diffs}). Use another "
+          f"workdir (or data.workdir_data), or remove {final} to rebuild it")
+    _say("reusing stage %s (%s)", name, final)
+    return record
+  tmp = os.path.join(root, f".tmp-{name}-{uuid.uuid4().hex[:8]}")
+  os.makedirs(tmp)
+  t0 = time.time()
+  _say("building stage %s", name)
+  try:
+    info = build(tmp)
+    record = dict(stage=name, settings=settings, settings_hash=settings_hash(settings),
+                  info=_normalise(info), seconds=round(time.time() - t0, 2),
+                  finished=datetime.datetime.now(datetime.timezone.utc).isoformat())
+    _write_json(os.path.join(tmp, "stage.json"), record)
+    os.rename(tmp, final)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  _say("stage %s done in %.1fs", name, record["seconds"])
+  return record
+
+
+def _clean_tmp(root: str) -> None:
+  """Removes temporary stage directories left by killed runs (only ours: `.tmp-*`)."""
+  for entry in os.listdir(root):
+    if entry.startswith(".tmp-"):
+      shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
+
+
+# ------------------------------------------------------------------ documents
+
+
+class _FileShard:
+  """Shard generator: the documents starting in one byte range of one file."""
+
+  def __init__(self, split: corpus_lib.FileSplit, text_field: str, txt_docs: str,
+               counts: dict[str, int]):
+    self.split, self.text_field, self.txt_docs, self.counts = split, text_field, txt_docs, counts
+
+  def __call__(self) -> Iterator[tuple[int, dict[str, str]]]:
+    k = 0
+    for source, text in corpus_lib.iter_split_documents(
+        self.split, text_field=self.text_field, txt_docs=self.txt_docs):
+      yield k, dict(text=text, source=source)
+      k += 1
+    self.counts[self.split.path] = self.counts.get(self.split.path, 0) + k
+
+
+class _ListShard:
+  def __init__(self, rows: list[dict[str, Any]]):
+    self.rows = rows
+
+  def __call__(self):
+    return enumerate(self.rows)
+
+
+def _list_shards(rows: list[dict[str, Any]], per_shard: int) -> list[_ListShard]:
+  return [_ListShard(rows[i:i + per_shard]) for i in range(0, len(rows), per_shard)] or \
+      [_ListShard([])]
+
+
+def _file_settings(files: list[str], d: Any, text_field: str) -> dict[str, Any]:
+  return dict(kind="files", files=[[f, os.path.getsize(f)] for f in files],
+              text_field=text_field, txt_docs=d.txt_docs, max_split_bytes=d.max_split_bytes)
+
+
+def _tfds_settings(name: str, split: str, data_dir: str, text_field: str) -> dict[str, Any]:
+  """A TFDS source, opened once here so that a missing dataset fails before any work."""
+  src = corpus_lib.TfdsDocuments(name, split=split, data_dir=data_dir or None,
+                                 text_field=text_field)
+  return dict(kind="tfds", name=name, split=split, data_dir=data_dir, text_field=text_field,
+              num_documents=len(src))
+
+
+def _sources(cfg: Any) -> dict[str, dict[str, Any]]:
+  """What the train text and the knowledge base are, before anything is built."""
+  d = cfg.data
+  out: dict[str, dict[str, Any]] = {}
+  if d.corpus == "knowledge_world":
+    out["train"] = dict(kind="knowledge_world", **kw_lib.resolve_settings(d.knowledge_world))
+  elif d.corpus == "files":
+    out["train"] = _file_settings(corpus_lib.expand_files(list(d.files), "data.files"), d,
+                                  d.text_field)
+  else:
+    out["train"] = _tfds_settings(d.tfds_name, d.tfds_split, d.tfds_data_dir, d.text_field)
+  kb_field = d.kb_text_field or d.text_field
+  if d.kb_files:
+    out["kb"] = _file_settings(corpus_lib.expand_files(list(d.kb_files), "data.kb_files"), d,
+                               kb_field)
+  elif d.kb_tfds_name:
+    out["kb"] = _tfds_settings(d.kb_tfds_name, d.kb_tfds_split,
+                               d.kb_tfds_data_dir or d.tfds_data_dir, kb_field)
+  elif d.corpus == "knowledge_world":
+    out["kb"] = dict(out["train"])
+  else:
+    out["kb"] = dict(kind="same_as_train")
+  return out
+
+
+def _build_documents(cfg: Any, sources: dict[str, dict[str, Any]], tmp: str) -> dict[str, Any]:
+  shards: dict[str, list] = {}
+  info: dict[str, Any] = {}
+  counts: dict[str, dict[str, int]] = {}
+  world = None
+  for split in ("train", "kb"):
+    src = sources[split]
+    if src["kind"] == "knowledge_world":
+      world = world or kw_lib.generate(cfg.data.knowledge_world)
+      docs = world.train_documents if split == "train" else world.kb_documents
+      shards[split] = _list_shards([dict(text=x.text, source=x.source) for x in docs],
+                                   cfg.data.shard_docs)
+    elif src["kind"] == "files":
+      files = [f for f, _ in src["files"]]
+      counts[split] = {}
+      splits = corpus_lib.plan_file_splits(files, txt_docs=src["txt_docs"],
+                                           max_split_bytes=src["max_split_bytes"])
+      shards[split] = [_FileShard(s, src["text_field"], src["txt_docs"], counts[split])
+                       for s in splits]
+  if shards:
+    path = tfds_builders.write_dataset(
+        tfds_builders.M3jaxDocuments, tmp, features=tfds_builders.DOCUMENT_FEATURES,
+        shards=shards, description="m3jax documents (train text / knowledge base).")
+    sizes = tfds_builders.split_sizes(path)
+    for split in shards:
+      if sizes.get(split, 0) == 0:
+        what = {"train": "data.files", "kb": "data.kb_files"}[split]
+        files = ", ".join(f for f, _ in sources[split].get("files", [])) or split
+        raise corpus_lib.CorpusError(f"{what}: empty corpus: no non-blank documents in {files}")
+    info["documents"] = dict(path=os.path.relpath(path, tmp), splits=sizes,
+                             documents_per_file=counts)
+  if world is not None:
+    qa = {"train": world.train_questions, "eval": world.eval_questions}
+    rows = {s: [dict(question=q.question, prompt=q.prompt, answer=q.answer,
+                     distractors=list(q.distractors), group=q.group, entity_id=q.entity_id,
+                     entity_name=q.entity_name, attribute=q.attribute) for q in qs]
+            for s, qs in qa.items()}
+    path = tfds_builders.write_dataset(
+        tfds_builders.M3jaxQa, tmp, features=tfds_builders.QA_FEATURES,
+        shards={s: _list_shards(r, 1 << 30) for s, r in rows.items() if r},
+        description="Knowledge-world QA: train (in the training text) and eval (held out).")
+    info["qa"] = dict(path=os.path.relpath(path, tmp), splits=tfds_builders.split_sizes(path))
+    info["knowledge_world"] = world.summary()
+  return info
+
+
+def _doc_spec(root: str, sources: dict[str, Any], docs: dict[str, Any], split: str
+              ) -> dict[str, Any]:
+  """Opening spec (absolute) for the train or KB documents."""
+  src = sources[split]
+  if src["kind"] == "same_as_train":
+    return _doc_spec(root, sources, docs, "train")
+  if src["kind"] == "tfds":
+    return dict(name=src["name"], split=src["split"], data_dir=src["data_dir"],
+                text_field=src["text_field"])
+  path = os.path.join(root, "documents", docs["info"]["documents"]["path"])
+  return dict(path=path, split=split, text_field="text")
+
+
+# ------------------------------------------------------------------ tokenizer
+
+
+def _tokenizer_stage(cfg: Any, root: str, specs: list[dict[str, Any]],
+                     upstream: str) -> tuple[tok_lib.Tokenizer, dict[str, Any]]:
+  d = cfg.data
+  prefix = os.path.join(root, "tokenizer")
+  model, sidecar = prefix + ".model", prefix + ".json"
+  if os.path.isfile(model) and not os.path.isfile(sidecar):
+    os.remove(model)  # a run was killed between the two writes; redo
+  if d.tokenizer:
+    given = tok_lib.Tokenizer.load(d.tokenizer)
+    settings = dict(kind="given", hash=given.hash)
+  else:
+    settings = dict(kind="trained", vocab_size=d.vocab_size, model_type=d.tokenizer_model_type,
+                    sample_chars=d.tokenizer_sample_chars,
+                    max_sentences=d.tokenizer_max_sentences, documents=upstream)
+  if os.path.isfile(sidecar):
+    tok = tok_lib.Tokenizer.load(model)
+    with open(sidecar) as f:
+      recorded = json.load(f).get("prepare_settings")
+    if d.tokenizer and tok.hash != settings["hash"]:
+      raise tok_lib.TokenizerMismatchError(
+          f"{root} was prepared with tokenizer {model} (hash {tok.hash[:12]}), but "
+          f"data.tokenizer={d.tokenizer} has hash {settings['hash'][:12]}; use another workdir")
+    if not d.tokenizer and recorded != _normalise(settings):
+      diffs = "; ".join(_diff(recorded, _normalise(settings))) if recorded else \
+          "tokenizer was given, not trained"
+      raise StageMismatchError(f"tokenizer {model} was prepared with other settings ({diffs}); "
+                               "use another workdir or remove it (and every later stage)")
+    _say("reusing tokenizer %s (hash %s)", model, tok.hash[:12])
+    return tok, settings
+  t0 = time.time()
+  if d.tokenizer:
+    tok = given
+    meta = given.metadata()
+    meta["copied_from"] = os.path.abspath(given.path)
+    tok_lib.atomic_write(model, given.model_proto)
+  else:
+    sources = [references_lib.open_documents(s) for s in _unique(specs)]
+    texts = corpus_lib.sample_evenly(sources, d.tokenizer_sample_chars)
+    tok = tok_lib.train_tokenizer(texts, prefix + ".training", vocab_size=d.vocab_size,
+                                  model_type=d.tokenizer_model_type,
+                                  max_sentences=d.tokenizer_max_sentences,
+                                  description=json.dumps(settings, sort_keys=True))
+    with open(prefix + ".training.json") as f:
+      meta = json.load(f)
+    os.replace(prefix + ".training.model", model)
+    os.remove(prefix + ".training.json")
+  meta["prepare_settings"] = _normalise(settings)
+  meta["seconds"] = round(time.time() - t0, 2)
+  _write_json(sidecar, meta)
+  return tok_lib.Tokenizer.load(model), settings
+
+
+def _unique(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  out = []
+  for s in specs:
+    if s not in out:
+      out.append(s)
+  return out
+
+
+# ------------------------------------------------------------------ main entry
+
+
+class _Lock:
+  """Exclusive lock on `<root>/.prepare.lock`: one prepare-data per data directory."""
+
+  def __init__(self, root: str):
+    self.path = os.path.join(root, ".prepare.lock")
+
+  def __enter__(self):
+    import fcntl
+    self._f = open(self.path, "a+")
+    try:
+      fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      self._f.seek(0)
+      holder = self._f.read().strip() or "?"
+      self._f.close()
+      raise StageMismatchError(
+          f"another prepare-data ({holder}) is working on {os.path.dirname(self.path)}; run "
+          "it once (e.g. on process 0) and let other hosts wait") from None
+    self._f.seek(0)
+    self._f.truncate()
+    self._f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+    self._f.flush()
+    return self
+
+  def __exit__(self, *exc):
+    self._f.close()
+
+
+def prepare_data(cfg: Any, workdir: str) -> dict[str, Any]:
+  """Runs (or reuses) every stage for `cfg` under `<workdir>/<data.workdir_data>`.
+
+  Run it once per data directory (one process); a second concurrent run is refused.
+  """
+  from m3jax import config as config_lib
+  validate_data_config(cfg)
+  mc = config_lib.model_config(cfg)
+  root = data_root(cfg, workdir)
+  os.makedirs(root, exist_ok=True)
+  with _Lock(root):
+    return _prepare(cfg, mc, root)
+
+
+def _prepare(cfg: Any, mc: Any, root: str) -> dict[str, Any]:
+  from m3jax.progress import Progress
+  t0 = time.time()
+  _clean_tmp(root)
+  d = cfg.data
+  threads = d.prepare_threads or -1
+
+  if d.tokenizer:  # fail before any work when the given tokenizer cannot serve the model
+    tok_lib.check_compatible(tok_lib.Tokenizer.load(d.tokenizer), mc)
+  sources = _sources(cfg)
+  docs = run_stage(root, "documents", sources, lambda tmp: _build_documents(cfg, sources, tmp))
+  train_spec = _doc_spec(root, sources, docs, "train")
+  kb_spec = _doc_spec(root, sources, docs, "kb")
+
+  tok, tok_settings = _tokenizer_stage(cfg, root, [train_spec, kb_spec],
+                                       docs["settings_hash"])
+  tok_lib.check_compatible(tok, mc)
+
+  ref_settings = dict(tokenizer=tok.hash, reference_length=mc.reference_length,
+                      documents=docs["settings_hash"], source=sources["kb"],
+                      shard_docs=d.shard_docs)
+
+  def build_refs(tmp: str) -> dict[str, Any]:
+    n = len(references_lib.open_documents(kb_spec))
+    prog = Progress(n, desc="references", unit="docs")
+    path, stats = references_lib.write_references(
+        tmp, kb_spec, tok, mc.reference_length, shard_docs=d.shard_docs, threads=threads,
+        progress=prog)
+    prog.close()
+    return dict(path=os.path.relpath(path, tmp), **stats)
+
+  refs = run_stage(root, "references", ref_settings, build_refs)
+
+  packed_settings = dict(tokenizer=tok.hash, seq_len=mc.max_seq_len,
+                         chunk_length=mc.chunk_length, documents=docs["settings_hash"],
+                         source=sources["train"], eval_fraction=d.eval_fraction,
+                         eval_max_docs=d.eval_max_docs, eval_seed=d.eval_seed,
+                         shard_docs=d.shard_docs)
+
+  def build_packed(tmp: str) -> dict[str, Any]:
+    n = len(references_lib.open_documents(train_spec))
+    prog = Progress(n, desc="packing", unit="docs")
+    path, stats = packing.write_packed(
+        tmp, train_spec, tok, seq_len=mc.max_seq_len, chunk_length=mc.chunk_length,
+        eval_fraction=d.eval_fraction, eval_max_docs=d.eval_max_docs, eval_seed=d.eval_seed,
+        shard_docs=d.shard_docs, threads=threads, progress=prog)
+    prog.close()
+    return dict(path=os.path.relpath(path, tmp), splits=stats)
+
+  packed = run_stage(root, "packed", packed_settings, build_packed)
+
+  manifest = dict(
+      format=FORMAT,
+      corpus=dict(train=sources["train"], kb=sources["kb"]),
+      tokenizer=dict(path="tokenizer.model", settings=tok_settings, **tok.metadata()),
+      model=dict(vocab_size=mc.vocab_size, max_seq_len=mc.max_seq_len,
+                 chunk_length=mc.chunk_length, reference_length=mc.reference_length,
+                 reference_prefix_ids=list(mc.reference_prefix_ids)),
+      datasets=dict(
+          references=dict(path=os.path.join("references", refs["info"]["path"]),
+                          **{k: v for k, v in refs["info"].items() if k != "path"}),
+          packed=dict(path=os.path.join("packed", packed["info"]["path"]),
+                      seq_len=mc.max_seq_len, chunk_length=mc.chunk_length,
+                      splits=packed["info"]["splits"])),
+      stages={r["stage"]: dict(settings_hash=r["settings_hash"], seconds=r["seconds"],
+                               finished=r["finished"]) for r in (docs, refs, packed)},
+  )
+  for key in ("documents", "qa"):
+    if key in docs["info"]:
+      item = dict(docs["info"][key])
+      item["path"] = os.path.join("documents", item["path"])
+      manifest["datasets"][key] = item
+  if "knowledge_world" in docs["info"]:
+    manifest["knowledge_world"] = docs["info"]["knowledge_world"]
+  manifest["seconds_this_run"] = round(time.time() - t0, 2)
+  _write_json(os.path.join(root, MANIFEST), manifest)
+  return manifest
+
+
+# ------------------------------------------------------------------ readers
+
+
+def load_manifest(root: str) -> dict[str, Any]:
+  path = os.path.join(root, MANIFEST)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} not found: run `m3jax prepare-data` for this workdir first")
+  with open(path) as f:
+    manifest = json.load(f)
+  if manifest.get("format") != FORMAT:
+    raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+  return manifest
+
+
+def dataset_path(root: str, name: str) -> str:
+  """Absolute version directory of dataset `name` (references, packed, documents, qa)."""
+  manifest = load_manifest(root)
+  if name not in manifest["datasets"]:
+    raise KeyError(f"{root}/{MANIFEST} lists no dataset {name!r}; has "
+                   f"{sorted(manifest['datasets'])}")
+  return os.path.join(root, manifest["datasets"][name]["path"])
+
+
+def open_tokenizer(root: str) -> tok_lib.Tokenizer:
+  manifest = load_manifest(root)
+  tok = tok_lib.Tokenizer.load(os.path.join(root, manifest["tokenizer"]["path"]))
+  tok_lib.check_tokenizer_hash(manifest["tokenizer"]["hash"], tok, f"{root}/{MANIFEST}")
+  return tok
+
+
+def open_references(root: str) -> references_lib.ReferenceStore:
+  """The ReferenceStore of a prepared data directory, checked against its tokenizer."""
+  store = references_lib.ReferenceStore(dataset_path(root, "references"))
+  store.check_tokenizer(open_tokenizer(root))
+  return store
+
+
+def read_questions(root: str, split: str = "eval") -> list[kw_lib.Question]:
+  """Knowledge-world questions ("eval": held out; "train": those in the training text)."""
+  source = tfds_builders.open_split(dataset_path(root, "qa"), split)
+  out = []
+  for lo in range(0, len(source), 1024):
+    for r in source.__getitems__(list(range(lo, min(lo + 1024, len(source))))):
+      text = {k: r[k].decode("utf-8") for k in ("entity_name", "group", "attribute", "question",
+                                                "answer")}
+      out.append(kw_lib.Question(
+          entity_id=int(r["entity_id"]), distractors=tuple(x.decode("utf-8")
+                                                           for x in r["distractors"]), **text))
+  return out

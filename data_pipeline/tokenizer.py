@@ -1,0 +1,243 @@
+"""SentencePiece tokenizer: training, the `Tokenizer` wrapper and compatibility checks.
+
+Every m3jax tokenizer has the same fixed special ids (CONTRACT.md): pad=0, unk=1,
+bos=2, eos=3 and the user-defined piece "Reference:"=4, so the reference sink
+prefix `<s>Reference:` is ids (2, 4). Byte fallback makes every UTF-8 string
+encodable; normalization is the identity (no NFKC, whitespace kept), so decoding
+gives back exactly the text that was encoded.
+
+A tokenizer is saved as `PATH.model` (the SentencePiece proto) plus `PATH.json`
+(its sha256 `hash`, vocab size and special ids). The hash identifies the tokenizer
+everywhere downstream: datasets, neighbor tables and memory banks record it, and
+`check_tokenizer_hash` refuses artifacts made with another tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+REFERENCE_SYMBOL = "Reference:"
+REFERENCE_ID = 4
+MODEL_TYPES = ("bpe", "unigram", "char", "word")
+# SentencePiece skips input sentences longer than this many bytes; we cut lines to fit.
+_MAX_SENTENCE_BYTES = 8192
+# Fixed so that the trained model (its stored trainer spec included) and therefore its
+# hash does not depend on the machine's core count.
+_TRAIN_THREADS = 16
+
+
+class TokenizerMismatchError(ValueError):
+  """A tokenizer does not match a model config or an artifact built with another one."""
+
+
+def _split_for_training(text: str) -> Iterator[str]:
+  """Yields the non-empty lines of `text`, each cut to fit SentencePiece's sentence limit."""
+  for line in text.split("\n"):
+    if not line.strip():
+      continue
+    while len(line.encode("utf-8")) > _MAX_SENTENCE_BYTES:
+      cut = line.rfind(" ", 0, _MAX_SENTENCE_BYTES // 4) + 1 or _MAX_SENTENCE_BYTES // 4
+      yield line[:cut]
+      line = line[cut:]
+    if line:
+      yield line
+
+
+def train_tokenizer(texts: Iterable[str], out: str, *, vocab_size: int,
+                    model_type: str = "bpe", max_sentences: int = 10_000_000,
+                    seed: int = 0, description: str = "") -> "Tokenizer":
+  """Trains a SentencePiece model on `texts` (documents) and writes `out`.model/.json.
+
+  Deterministic: the same texts, settings and seed give byte-identical files.
+  At most `max_sentences` lines are used, drawn by SentencePiece's reservoir
+  sampling (seeded) when the input has more. The files are written atomically.
+  """
+  if model_type not in MODEL_TYPES:
+    raise ValueError(f"tokenizer model_type {model_type!r}: must be one of {MODEL_TYPES}")
+  if vocab_size < 262 and model_type in ("bpe", "unigram"):
+    raise ValueError(f"tokenizer vocab_size={vocab_size} is too small: byte fallback alone "
+                     "needs 256 byte pieces + 5 special pieces + some text pieces")
+  out = _strip_model_suffix(out)
+  counter: dict[str, Any] = {"lines": 0, "error": None}
+
+  def lines() -> Iterator[str]:
+    try:
+      for text in texts:
+        for line in _split_for_training(text):
+          counter["lines"] += 1
+          yield line
+    except Exception as e:  # SentencePiece would wrap it in a RuntimeError
+      counter["error"] = e
+      raise
+
+  spm.set_random_generator_seed(seed + 1)  # 0 would mean "seed from the clock"
+  proto = io.BytesIO()
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=lines(), model_writer=proto, vocab_size=vocab_size,
+        model_type=model_type, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+        pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
+        user_defined_symbols=[REFERENCE_SYMBOL], byte_fallback=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        split_digits=True, character_coverage=0.9995, input_sentence_size=max_sentences,
+        shuffle_input_sentence=True, max_sentence_length=_MAX_SENTENCE_BYTES,
+        num_threads=_TRAIN_THREADS, train_extremely_large_corpus=False, minloglevel=2)
+  except RuntimeError as e:
+    if counter["error"] is not None:
+      raise counter["error"] from None
+    if counter["lines"] == 0:
+      raise ValueError(f"tokenizer {out}.model: no training text (empty input)") from e
+    hint = (" (too little text for this vocab_size: lower it or add text)"
+            if "Vocabulary size too high" in str(e) else "")
+    raise ValueError(f"training tokenizer {out}.model (vocab_size={vocab_size}, "
+                     f"{counter['lines']} lines){hint}: {e}") from e
+  data = proto.getvalue()
+  tok = Tokenizer(data, path=out + ".model")
+  meta = tok.metadata()
+  meta.update(model_type=model_type, training_lines=counter["lines"],
+              max_sentences=max_sentences, seed=seed, trained_on=description)
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  atomic_write(out + ".model", data)
+  atomic_write(out + ".json", (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+  return tok
+
+
+def atomic_write(path: str, data: bytes) -> None:
+  """Writes `data` to a temporary file beside `path`, then renames it into place."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(data)
+  os.replace(tmp, path)
+
+
+def _strip_model_suffix(path: str) -> str:
+  return path[:-len(".model")] if path.endswith(".model") else path
+
+
+class Tokenizer:
+  """A loaded SentencePiece model with m3jax's special ids and content hash.
+
+  `encode` returns plain token ids (no bos/eos unless asked); `hash` is the
+  sha256 of the .model bytes.
+  """
+
+  def __init__(self, model_proto: bytes, path: str = ""):
+    self._proto = bytes(model_proto)
+    self.path = path
+    self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+    self.hash = hashlib.sha256(self._proto).hexdigest()
+    self.vocab_size = int(self._sp.vocab_size())
+    self.pad_id = int(self._sp.pad_id())
+    self.unk_id = int(self._sp.unk_id())
+    self.bos_id = int(self._sp.bos_id())
+    self.eos_id = int(self._sp.eos_id())
+    ref = int(self._sp.piece_to_id(REFERENCE_SYMBOL))
+    self.reference_id = ref if ref != self.unk_id else -1
+    self.reference_prefix_ids = (self.bos_id, self.reference_id)
+
+  @classmethod
+  def load(cls, path: str) -> "Tokenizer":
+    """Loads `path` (`X.model` or the prefix `X`); checks `X.json` when present."""
+    model = _strip_model_suffix(path) + ".model"
+    if not os.path.isfile(model):
+      raise FileNotFoundError(f"tokenizer model {model} not found")
+    with open(model, "rb") as f:
+      data = f.read()
+    try:
+      tok = cls(data, path=model)
+    except RuntimeError as e:
+      raise ValueError(f"tokenizer model {model} is not a SentencePiece model: {e}") from e
+    sidecar = _strip_model_suffix(path) + ".json"
+    if os.path.isfile(sidecar):
+      with open(sidecar) as f:
+        meta = json.load(f)
+      if meta.get("hash") not in (None, tok.hash):
+        raise TokenizerMismatchError(
+            f"tokenizer {model} has hash {tok.hash[:12]} but {sidecar} records "
+            f"{meta['hash'][:12]}: the .model file was replaced; regenerate the .json")
+    return tok
+
+  @property
+  def model_proto(self) -> bytes:
+    return self._proto
+
+  def metadata(self) -> dict[str, Any]:
+    """What downstream artifacts record about the tokenizer."""
+    return dict(hash=self.hash, vocab_size=self.vocab_size, pad_id=self.pad_id,
+                unk_id=self.unk_id, bos_id=self.bos_id, eos_id=self.eos_id,
+                reference_id=self.reference_id,
+                reference_prefix_ids=list(self.reference_prefix_ids))
+
+  def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+    return self._sp.encode(text, add_bos=add_bos, add_eos=add_eos)
+
+  def encode_batch(self, texts: Sequence[str], *, add_bos: bool = False,
+                   add_eos: bool = False, num_threads: int = -1) -> list[list[int]]:
+    """Encodes many texts at once (SentencePiece's C++ thread pool; -1 = all cores)."""
+    if not texts:
+      return []
+    return self._sp.encode(list(texts), add_bos=add_bos, add_eos=add_eos,
+                           num_threads=num_threads)
+
+  def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    ids = [int(i) for i in ids if int(i) != self.pad_id]
+    return self._sp.decode(ids)
+
+  def decode_batch(self, batch: Sequence[Sequence[int]] | np.ndarray) -> list[str]:
+    return [self.decode(ids) for ids in batch]
+
+  def id_to_piece(self, i: int) -> str:
+    return self._sp.id_to_piece(int(i))
+
+  def piece_table(self) -> list[str]:
+    return [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
+
+  def is_byte(self, i: int) -> bool:
+    return self._sp.is_byte(int(i))
+
+  def __repr__(self) -> str:
+    return f"Tokenizer({self.path or '<memory>'}, vocab={self.vocab_size}, hash={self.hash[:12]})"
+
+
+def _model_fields(model_config: Any) -> dict[str, Any]:
+  """The tokenizer-relevant fields of a ModelConfig, a config (with .model) or a dict."""
+  m = getattr(model_config, "model", model_config)
+  get = (lambda k: m[k]) if isinstance(m, dict) else (lambda k: getattr(m, k))
+  return dict(vocab_size=int(get("vocab_size")), pad_id=int(get("pad_id")),
+              bos_id=int(get("bos_id")), eos_id=int(get("eos_id")),
+              reference_prefix_ids=tuple(int(t) for t in get("reference_prefix_ids")))
+
+
+def check_compatible(tokenizer: Tokenizer, model_config: Any) -> None:
+  """Raises TokenizerMismatchError unless `tokenizer` fits `model_config`.
+
+  The vocab size must be equal (not merely smaller: a tokenizer trained with a
+  different size almost always means the wrong file), and pad/bos/eos and the
+  `<s>Reference:` prefix ids must agree. The message names both sides.
+  """
+  want = _model_fields(model_config)
+  have = dict(vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
+              bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
+              reference_prefix_ids=tuple(tokenizer.reference_prefix_ids))
+  diffs = [f"model.{k}={want[k]} but the tokenizer has {have[k]}"
+           for k in want if want[k] != have[k]]
+  if diffs:
+    raise TokenizerMismatchError(
+        f"tokenizer {tokenizer.path or '<memory>'} (hash {tokenizer.hash[:12]}) does not "
+        f"match the model config: " + "; ".join(diffs))
+
+
+def check_tokenizer_hash(expected_hash: str, tokenizer: Tokenizer, what: str) -> None:
+  """Refuses an artifact (`what`, e.g. "memory bank /x") built with another tokenizer."""
+  if expected_hash != tokenizer.hash:
+    raise TokenizerMismatchError(
+        f"{what} was built with tokenizer hash {expected_hash[:12]}, but the tokenizer in use "
+        f"({tokenizer.path or '<memory>'}) has hash {tokenizer.hash[:12]}")

@@ -1,0 +1,53 @@
+"""`m3jax prepare-data`: tokenizer, references and packed training sequences.
+
+  m3jax prepare-data --config=configs/demo.py --workdir=runs/demo
+
+Writes `<workdir>/data/` (see `data_pipeline.prepare` and WORKSPACE.md): the
+tokenizer, the TFDS datasets (array_record) and `manifest.json`. Re-running reuses
+finished stages and refuses inputs or settings that differ from what is there.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from m3jax import config as config_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; data goes to <workdir>/data.")
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _CONFIG.value is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required")
+  from data_pipeline import corpus
+  from data_pipeline import prepare
+  from data_pipeline import tokenizer
+  cfg = config_lib.validate(_CONFIG.value)
+  try:
+    manifest = prepare.prepare_data(cfg, _WORKDIR.value)
+  except (config_lib.ConfigError, corpus.CorpusError, prepare.StageMismatchError,
+          tokenizer.TokenizerMismatchError, FileNotFoundError) as e:
+    print(f"m3jax prepare-data: error: {e}", file=sys.stderr)
+    sys.exit(1)
+  root = prepare.data_root(cfg, _WORKDIR.value)
+  summary = dict(data=root, tokenizer=manifest["tokenizer"]["hash"][:12],
+                 references=manifest["datasets"]["references"]["num_references"],
+                 sequences={k: v["sequences"]
+                            for k, v in manifest["datasets"]["packed"]["splits"].items()},
+                 seconds=manifest["seconds_this_run"])
+  print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,128 @@
+"""Knowledge world: group invariants, held-out questions, determinism, sizes."""
+
+import re
+
+import pytest
+
+from data_pipeline import knowledge_world as kw
+from data_pipeline import tokenizer as tok_lib
+
+SMALL = dict(seed=7, n_seen=40, n_memory_taught=40, n_unseen=25)
+
+
+@pytest.fixture(scope="module")
+def world():
+  return kw.generate(SMALL)
+
+
+@pytest.fixture(scope="module")
+def train_text(world):
+  return "\n\n".join(d.text for d in world.train_documents)
+
+
+def _mentions(text: str, name: str) -> bool:
+  return re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text) is not None
+
+
+def _by_group(world, group):
+  return [e for e in world.entities if e.group == group]
+
+
+def test_generation_is_deterministic_for_a_seed(world):
+  assert kw.generate(SMALL) == world
+  other = kw.generate(dict(SMALL, seed=8))
+  assert [e.name for e in other.entities] != [e.name for e in world.entities]
+
+
+def test_group_sizes_unique_names_and_attributes(world):
+  assert [len(_by_group(world, g)) for g in kw.GROUPS] == [40, 40, 25]
+  names = [e.name for e in world.entities]
+  assert len(set(names)) == len(names)
+  for e in world.entities:
+    assert set(e.attributes) == set(kw.ATTRIBUTES) and len(e.attributes) >= 6
+    assert dict(kw.EMPLOYERS)[e.attributes["employer"]] == e.attributes["employer_city"]
+
+
+def test_unseen_entities_never_in_training_text(world, train_text):
+  for e in _by_group(world, "unseen"):
+    assert not _mentions(train_text, e.name), e.name
+
+
+def test_memory_taught_biographies_absent_but_qa_present(world, train_text):
+  kb = {d.source: d.text for d in world.kb_documents}
+  for e in _by_group(world, "memory_taught"):
+    for t in range(len(kw.BIOGRAPHY_TEMPLATES)):
+      assert kw.biography(e, t) not in train_text
+    assert kb[f"knowledge_world/kb/e{e.id}"] not in train_text
+    docs = [d for d in world.train_documents if _mentions(d.text, e.name)]
+    assert [d.source for d in docs] == [f"knowledge_world/qa/e{e.id}"]
+    assert docs[0].text.startswith("Question: ")
+
+
+def test_seen_entities_have_paraphrases_but_not_the_canonical_biography(world, train_text):
+  for e in _by_group(world, "seen"):
+    bios = [d for d in world.train_documents if d.source.startswith(
+        f"knowledge_world/biography/e{e.id}/")]
+    assert len(bios) == SMALL.get("paraphrases_seen", kw.DEFAULTS["paraphrases_seen"])
+    assert kw.biography(e, 0) not in train_text
+
+
+def test_knowledge_base_has_one_canonical_biography_per_entity(world):
+  assert [d.source for d in world.kb_documents] == [
+      f"knowledge_world/kb/e{e.id}" for e in world.entities]
+  for e, d in zip(world.entities, world.kb_documents):
+    assert d.text == kw.biography(e, 0)
+
+
+def test_eval_gold_values_are_in_the_biography(world):
+  kb = {e.id: kw.biography(e, 0) for e in world.entities}
+  ents = {e.id: e for e in world.entities}
+  for q in world.eval_questions:
+    assert q.answer == ents[q.entity_id].attributes[q.attribute]
+    assert q.answer in kb[q.entity_id]
+    assert q.entity_name in q.question and q.group == ents[q.entity_id].group
+
+
+def test_distractors_come_from_the_attribute_value_list(world):
+  values = kw.value_lists()
+  for q in world.eval_questions:
+    assert len(q.distractors) == kw.DEFAULTS["n_distractors"]
+    assert len(set(q.distractors)) == len(q.distractors) and q.answer not in q.distractors
+    if q.attribute == "birth_date":
+      assert all(re.fullmatch(r"\d{1,2} [A-Z][a-z]+ \d{4}", d) for d in q.distractors)
+    else:
+      assert set(q.distractors) <= set(values[q.attribute])
+
+
+def test_held_out_questions_never_in_training_qa_in_any_phrasing(world, train_text):
+  held = {(q.entity_id, q.attribute) for q in world.eval_questions}
+  assert not held & {(q.entity_id, q.attribute) for q in world.train_questions}
+  ents = {e.id: e for e in world.entities}
+  for eid, attr in held:
+    for phrasing in kw.QUESTION_TEMPLATES[attr]:
+      assert phrasing.format(name=ents[eid].name) not in train_text
+
+
+def test_every_entity_has_eval_questions_and_trained_groups_have_qa(world, train_text):
+  per = kw.DEFAULTS["eval_questions_per_entity"]
+  assert len(world.eval_questions) == per * len(world.entities)
+  for q in world.train_questions:
+    assert q.group in ("seen", "memory_taught")
+    assert kw.qa_text(q.question, q.answer) in train_text
+
+
+def test_canonical_biographies_fit_one_reference(tmp_path):
+  world = kw.generate()  # the demo-sized default world
+  assert max(len(d.text.split()) for d in world.kb_documents) <= 90
+  tok = tok_lib.train_tokenizer(
+      [d.text for d in world.train_documents + world.kb_documents], str(tmp_path / "t"),
+      vocab_size=4096)
+  assert max(len(tok.encode(d.text)) for d in world.kb_documents) <= 128
+
+
+@pytest.mark.parametrize("field,value", [("paraphrases_seen", 9),
+                                         ("eval_questions_per_entity", 8),
+                                         ("n_distractors", 500), ("bogus", 1)])
+def test_bad_settings_name_the_field(field, value):
+  with pytest.raises(ValueError, match=f"data.knowledge_world.{field}"):
+    kw.generate({field: value})
