@@ -12,12 +12,13 @@ and with a neighbor table and a ReferenceStore (continual training):
   ref_tokens  int32 [B, C, R]  those references' tokens, right-padded with pad_id
   ref_lengths int32 [B, C]     their lengths (0 for -1)
 
-Determinism: records are sharded over hosts (contiguous, equal ranges by default),
-shuffled within the shard with a per-epoch permutation of `seed`, and batched in
-order, so the batch at step s on host h is a pure function of (seed, s, h) and the
-host count (not of grain's worker_count: records are batched after the workers). `get_state()` returns JSON bytes (grain's position plus ours) that
-`set_state` restores exactly mid-epoch; the state also records the seed, batch size
-and shard so that a mismatching restore fails loudly.
+Determinism: the global order is a per-epoch permutation of `seed` (grain's index
+shuffle), walked continuously across epochs; global batch s is positions
+[s*B, (s+1)*B) of it and each process reads its own rows of that batch. So the
+global batch at step s is a pure function of (seed, s), whatever the number of
+hosts, and `get_state()` (JSON bytes: the step plus what the stream belongs to) is
+restored exactly mid-epoch by `set_state`, also on another host count; a state of
+another seed, batch size or dataset fails loudly.
 
 With `sharding` (a NamedSharding whose first spec entry shards the batch axis),
 batches are global `jax.Array`s built with `jax.make_array_from_process_local_data`;
@@ -41,7 +42,7 @@ import numpy as np
 
 from data_pipeline import tfds_builders
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 class PackedSource(grain.RandomAccessDataSource):
@@ -94,22 +95,6 @@ class PackedSource(grain.RandomAccessDataSource):
     return f"PackedSource({self.path!r}, {self.split!r})"
 
 
-class ShardSlice(grain.RandomAccessDataSource):
-  """Records [lo, hi) of a source, keeping their global `seq_index`."""
-
-  def __init__(self, source: Any, lo: int, hi: int):
-    self.source, self.lo, self.hi = source, lo, hi
-
-  def __len__(self) -> int:
-    return self.hi - self.lo
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    return self.source[self.lo + int(index)]
-
-  def __repr__(self) -> str:
-    return f"ShardSlice({self.source!r}, {self.lo}, {self.hi})"
-
-
 class AddTargets(grain.MapTransform):
   """tokens + next_token -> targets, loss_mask."""
 
@@ -147,17 +132,6 @@ class AddReferences(grain.MapTransform):
     return rec
 
 
-def even_split(n: int, options: grain.ShardOptions) -> tuple[int, int]:
-  """[lo, hi) of shard `shard_index`: contiguous; the remainder goes to the first shards
-  unless drop_remainder (then every shard has n // shard_count records)."""
-  k, i = options.shard_count, options.shard_index
-  per, rem = divmod(n, k)
-  if options.drop_remainder:
-    return per * i, per * (i + 1)
-  lo = per * i + min(i, rem)
-  return lo, lo + per + (1 if i < rem else 0)
-
-
 def process_rows(sharding: Any, global_batch_size: int) -> tuple[int, int]:
   """(shard_index, shard_count) of this process's contiguous rows of the batch axis."""
   import jax
@@ -185,15 +159,25 @@ def process_rows(sharding: Any, global_batch_size: int) -> tuple[int, int]:
 class Loader:
   """Deterministic, sharded, checkpointable batches of packed sequences.
 
+  The global order is one permutation of the records per epoch (grain's index
+  shuffle of `seed` and the epoch, O(1) memory), walked continuously across
+  epochs; global batch s is positions [s*B, (s+1)*B) of that walk. A process reads
+  only its rows of each global batch, so the global batch does not depend on the
+  number of processes (a job restarted on another host count continues the same
+  stream) and the iterator state is just the step.
+
   Args:
     source: a PackedSource (or any grain random-access source with the same records).
     global_batch_size: B, over all processes.
     seed: shuffling seed (32-bit).
-    shuffle: shuffle within the host's shard (a new permutation every epoch).
-    num_epochs: None = repeat forever (training); an int = that many passes (eval).
+    shuffle: shuffle the records (a new permutation every epoch).
+    num_epochs: None = repeat forever (training); an int = that many passes (eval;
+      the last batch is filled with padding rows).
     sharding: NamedSharding for the batch (first spec entry = batch axis); None for
-      host-local numpy batches, read as shard `jax.process_index()` of `process_count()`.
-    shard_options: explicit grain ShardOptions (overrides what the sharding implies).
+      host-local numpy batches, read as row shard `jax.process_index()` of
+      `process_count()`.
+    shard_options: explicit grain ShardOptions: read row shard `shard_index` of
+      `shard_count` of every global batch (overrides what the sharding implies).
     neighbors, references: enable `AddReferences` (both or neither).
     worker_count: grain worker processes (0 = in-process; >0 needs a __main__ guard).
   """
@@ -227,47 +211,58 @@ class Loader:
       raise ValueError(f"data.batch_size={self.global_batch_size} is not divisible by the "
                        f"{count} data shards (processes)")
     self.local_batch_size = self.global_batch_size // count
+    lo = shard_options.shard_index * self.local_batch_size
+    self.rows = (lo, lo + self.local_batch_size)  # this process's rows of every batch
     n = len(source)
-    if num_epochs is None and n // count < self.local_batch_size:
-      raise ValueError(f"{n} sequences give each of {count} shards fewer than one batch of "
-                       f"{self.local_batch_size}")
+    if n == 0:
+      raise ValueError(f"{source!r} holds no sequences")
+    if num_epochs is None and n < self.global_batch_size:
+      raise ValueError(f"{n} sequences are fewer than one global batch of "
+                       f"{self.global_batch_size} (data.batch_size)")
     self.num_records = n
-    # grain's own sharding drops records of uneven shards when epochs are finite, so the
-    # shard is cut here (grain's even split) and grain sees an unsharded source.
-    lo, hi = even_split(n, shard_options)
-    self.shard_range = (lo, hi)
     ops: list[Any] = [AddTargets(self.pad_id)]
     if self.with_references:
       ops.append(AddReferences(neighbors, references, self.n_chunks))
-    # Records are batched here, not by a grain Batch op (which batches inside each worker),
-    # so the batches do not depend on worker_count: grain delivers records in index order.
-    self._loader = None
-    if hi > lo:
-      sampler = grain.IndexSampler(num_records=hi - lo, shard_options=grain.NoSharding(),
-                                   shuffle=self.shuffle, num_epochs=num_epochs, seed=self.seed)
-      self._loader = grain.DataLoader(
-          data_source=ShardSlice(source, lo, hi), sampler=sampler, operations=ops,
-          worker_count=worker_count, shard_options=grain.NoSharding(),
-          read_options=grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64))
-    self._iter = iter(self._loader) if self._loader is not None else None
+
+    order = grain.MapDataset.range(n)
+    if self.shuffle:
+      order = order.shuffle(seed=self.seed)  # index >= n continues with the next epoch
+    total = self.num_batches
+    length = (total if total is not None else 2**62 // self.global_batch_size)
+    B, lb, pad_rows = self.global_batch_size, self.local_batch_size, self._padding_rows
+
+    def record(k: int) -> dict[str, Any]:
+      g = (k // lb) * B + lo + k % lb  # global position of local element k
+      if total is not None and g >= n * num_epochs:
+        return {key: v[0] for key, v in pad_rows(1).items()}
+      rec = source[int(order[g] if self.shuffle else g % n)]
+      for op in ops:
+        rec = op.map(rec)
+      return rec
+
+    ds = grain.MapDataset.range(length * lb).map(record).batch(lb)
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                                 prefetch_buffer_size=64))
+    if worker_count:
+      it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    self._dataset = it_ds
+    self._iter = iter(it_ds)
     self._step = 0
-    self._exhausted = self._loader is None
 
   # ---------------------------------------------------------------- sizes
 
   @property
   def steps_per_epoch(self) -> int:
-    """Batches per host per epoch (for finite epochs: the same on every host)."""
-    count = self.shard_options.shard_count
-    per_shard = (self.num_records // count if self.shard_options.drop_remainder
-                 else math.ceil(self.num_records / count))  # the largest shard
+    """Global batches per epoch (training: full batches; eval: the last one padded)."""
     if self.num_epochs is None:
-      return per_shard // self.local_batch_size
-    return math.ceil(per_shard / self.local_batch_size)
+      return self.num_records // self.global_batch_size
+    return math.ceil(self.num_records / self.global_batch_size)
 
   @property
   def num_batches(self) -> int | None:
-    return None if self.num_epochs is None else self.steps_per_epoch * self.num_epochs
+    if self.num_epochs is None:
+      return None
+    return math.ceil(self.num_records * self.num_epochs / self.global_batch_size)
 
   # ---------------------------------------------------------------- iteration
 
@@ -278,18 +273,7 @@ class Loader:
     total = self.num_batches
     if total is not None and self._step >= total:
       raise StopIteration
-    rows = []
-    while len(rows) < self.local_batch_size and not self._exhausted:
-      try:
-        rows.append(next(self._iter))
-      except StopIteration:
-        self._exhausted = True
-    if not rows and total is None:
-      raise StopIteration
-    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]} if rows else None
-    if len(rows) < self.local_batch_size:
-      pad = self._padding_rows(self.local_batch_size - len(rows))
-      batch = pad if batch is None else {k: np.concatenate([batch[k], pad[k]]) for k in batch}
+    batch = next(self._iter)
     self._step += 1
     return self._globalise(batch)
 
@@ -322,19 +306,14 @@ class Loader:
   # ---------------------------------------------------------------- state
 
   def _identity(self) -> dict[str, Any]:
+    # No process count here: the stream is the same for any number of hosts.
     return dict(seed=self.seed, shuffle=self.shuffle, global_batch_size=self.global_batch_size,
-                seq_len=self.seq_len, references=self.with_references,
-                num_records=self.num_records, num_epochs=self.num_epochs,
-                shard_index=self.shard_options.shard_index,
-                shard_count=self.shard_options.shard_count)
+                num_records=self.num_records, num_epochs=self.num_epochs)
 
   def get_state(self) -> bytes:
-    """JSON bytes: the exact position (restorable mid-epoch) and what it belongs to."""
-    grain_state = self._iter.get_state() if self._iter is not None else ""
-    if isinstance(grain_state, bytes):
-      grain_state = grain_state.decode("utf-8")
-    return json.dumps(dict(version=STATE_VERSION, step=self._step, exhausted=self._exhausted,
-                           grain=grain_state, **self._identity()), sort_keys=True).encode()
+    """JSON bytes: the step (the exact position, mid-epoch too) and what it belongs to."""
+    return json.dumps(dict(version=STATE_VERSION, step=self._step, **self._identity()),
+                      sort_keys=True).encode()
 
   def set_state(self, state: bytes | str) -> None:
     d = json.loads(state)
@@ -345,9 +324,9 @@ class Loader:
              if d.get(k) != v]
     if diffs:
       raise ValueError("data iterator state belongs to another loader: " + "; ".join(diffs))
-    if self._iter is not None:
-      self._iter.set_state(d["grain"].encode("utf-8"))
-    self._step, self._exhausted = int(d["step"]), bool(d["exhausted"])
+    self._iter = iter(self._dataset)
+    self._iter.set_state({"next_index": int(d["step"])})
+    self._step = int(d["step"])
 
   @property
   def step(self) -> int:

@@ -14,6 +14,9 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "costs": ("m3jax.commands.costs", "parameter, storage and FLOP accounting from a config"),
     "convert": ("m3jax.commands.convert", "import/export Hugging Face Llama checkpoints"),
+    "tokenizer": ("m3jax.commands.tokenizer", "train a sentencepiece tokenizer"),
+    "prepare-data": ("m3jax.commands.prepare_data", "tokenizer, datasets, references, packing"),
+    "train": ("m3jax.commands.train", "warmup or continual training (resumes by itself)"),
 }
 
 # Commands whose issues are still open; `make demo` must run without failing.

@@ -27,3 +27,21 @@ def repo_root() -> pathlib.Path:
 def tiny_config():
   from m3jax.config import load_config
   return load_config(str(REPO / "configs" / "tiny.py"))
+
+
+TINY_WORLD = ("data.knowledge_world.n_seen=40", "data.knowledge_world.n_memory_taught=40",
+              "data.knowledge_world.n_unseen=20")
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(tmp_path_factory):
+  """A workdir whose data/ holds a prepared tiny knowledge world (tokenizer, refs, packed).
+
+  Tests copy what they write into their own directories; this one is read-only.
+  """
+  from data_pipeline import prepare
+  from m3jax.config import load_config
+  cfg = load_config(str(REPO / "configs" / "tiny.py"), list(TINY_WORLD))
+  workdir = tmp_path_factory.mktemp("tiny_prepared")
+  prepare.prepare_data(cfg, str(workdir))
+  return cfg, workdir

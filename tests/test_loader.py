@@ -257,17 +257,24 @@ def test_state_from_another_loader_is_refused(prepared):
     loader_lib.Loader(src, global_batch_size=4, seed=2).set_state(state)
 
 
-def test_explicit_shards_are_disjoint_and_cover_the_data(prepared):
+def test_row_shards_together_give_the_global_batch(prepared):
   import grain.python as grain
   src = loader_lib.packed_source(prepared["root"])
-  seen = []
-  for i in range(2):
-    ld = loader_lib.Loader(src, global_batch_size=4, seed=0,
-                           shard_options=grain.ShardOptions(i, 2, drop_remainder=True))
-    seen.append({int(x) for b in _take(ld, ld.steps_per_epoch) for x in b["seq_index"]})
-  assert not seen[0] & seen[1]
-  per = len(src) // 2
-  assert len(seen[0]) == len(seen[1]) == per - per % 2
+  whole = _take(loader_lib.Loader(src, global_batch_size=4, seed=0), 5)
+  parts = [_take(loader_lib.Loader(src, global_batch_size=4, seed=0,
+                                   shard_options=grain.ShardOptions(i, 2)), 5)
+           for i in range(2)]
+  for step in range(5):
+    for k in whole[step]:
+      joined = np.concatenate([parts[0][step][k], parts[1][step][k]])
+      assert np.array_equal(joined, whole[step][k]), (step, k)
+
+
+def test_one_epoch_visits_every_record_once(prepared):
+  src = loader_lib.packed_source(prepared["root"])
+  ld = loader_lib.Loader(src, global_batch_size=4, seed=0)
+  seen = np.concatenate([b["seq_index"] for b in _take(ld, len(src) // 4)])
+  assert len(set(seen.tolist())) == len(seen) == (len(src) // 4) * 4
 
 
 def test_finite_epoch_pads_with_empty_rows(prepared):
@@ -335,13 +342,13 @@ _CHILD = textwrap.dedent("""
     for b in ev:
       for s in b["seq_index"].addressable_shards:
         eval_seen += np.asarray(s.data).tolist()
-    json.dump(dict(seen=seen, total=total, shard=list(ld.shard_range), eval_seen=eval_seen,
+    json.dump(dict(seen=seen, total=total, rows=list(ld.rows), eval_seen=eval_seen,
                    eval_batches=ev.num_batches), open(out, "w"))
 """)
 
 
 @pytest.mark.multiprocess
-def test_two_processes_read_disjoint_shards_covering_the_data(prepared, tmp_path):
+def test_two_processes_read_disjoint_rows_of_the_same_global_batches(prepared, tmp_path):
   path = prepare.dataset_path(prepared["root"], "packed")
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -360,14 +367,16 @@ def test_two_processes_read_disjoint_shards_covering_the_data(prepared, tmp_path
   assert all(p.returncode == 0 for p in procs), "\n".join(l[-2000:] for l in logs)
   res = [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(2)]
   n = len(loader_lib.PackedSource(path))
-  # Training (repeating epochs): equal contiguous shards, disjoint; one epoch reads each
-  # record of the shard once, except the remainder that does not fill a local batch.
-  a, b = set(res[0]["seen"]), set(res[1]["seen"])
-  half = n // 2
-  assert res[0]["shard"] == [0, half] and res[1]["shard"] == [half, 2 * half]
-  assert a <= set(range(0, half)) and b <= set(range(half, 2 * half))
-  assert len(res[0]["seen"]) == len(a) == len(b) == half - half % 2
-  assert res[0]["total"] == res[1]["total"] == sum(a) + sum(b)  # the global array is whole
+  # Training: each host reads its half of every global batch; together they are exactly
+  # the batches one process reads alone.
+  assert res[0]["rows"] == [0, 2] and res[1]["rows"] == [2, 4]
+  single = loader_lib.Loader(loader_lib.PackedSource(path), global_batch_size=4, seed=3)
+  expected = [b["seq_index"] for b in _take(single, single.steps_per_epoch)]
+  got = [np.concatenate([res[0]["seen"][2 * i:2 * i + 2], res[1]["seen"][2 * i:2 * i + 2]])
+         for i in range(len(expected))]
+  assert all(np.array_equal(a, b) for a, b in zip(got, expected))
+  assert not set(res[0]["seen"]) & set(res[1]["seen"])
+  assert res[0]["total"] == res[1]["total"] == sum(res[0]["seen"]) + sum(res[1]["seen"])
   # Eval (one epoch): together exactly every record, same number of batches on both hosts.
   ev = [r["eval_seen"] for r in res]
   assert res[0]["eval_batches"] == res[1]["eval_batches"]

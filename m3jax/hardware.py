@@ -1,0 +1,62 @@
+"""Peak FLOP/s per device, for MFU.
+
+Accelerators come from a table of vendor dense bf16 peaks (no sparsity). A CPU
+has no meaningful datasheet number, so its peak is *measured* once per process
+with a large float32 matmul; MFU on CPU then reads "share of the best matmul
+throughput this machine showed", which is what a CPU run can honestly report.
+`train.peak_flops_per_device` (> 0) overrides both.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+
+# device_kind substring (lower case) -> dense bf16 FLOP/s per device (chip / GPU).
+PEAK_BF16_FLOPS = (
+    ("h200", 989e12),
+    ("h100", 989e12),
+    ("a100", 312e12),
+    ("a800", 312e12),
+    ("l4", 121e12),
+    ("tpu v6", 918e12),
+    ("tpu v5p", 459e12),
+    ("tpu v5 lite", 197e12),
+    ("tpu v5e", 197e12),
+    ("tpu v5", 459e12),
+    ("tpu v4", 275e12),
+    ("tpu v3", 123e12),
+)
+
+
+@functools.lru_cache(maxsize=None)
+def measured_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
+  """Best float32 matmul FLOP/s of the default device (used for CPUs)."""
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n**3 / best
+
+
+def peak_flops_per_device(override: float = 0.0, device: jax.Device | None = None
+                          ) -> tuple[float, str]:
+  """(peak FLOP/s, where it came from) for `device` (default: the first)."""
+  if override and override > 0:
+    return float(override), "train.peak_flops_per_device"
+  device = device or jax.devices()[0]
+  kind = device.device_kind.lower()
+  for name, flops in PEAK_BF16_FLOPS:
+    if name in kind:
+      return flops, f"table ({device.device_kind}, dense bf16)"
+  if device.platform == "cpu":
+    return measured_matmul_flops(), "measured f32 matmul on this CPU"
+  raise ValueError(f"no peak FLOP/s known for device kind {device.device_kind!r}; set "
+                   "config field `train.peak_flops_per_device`")
