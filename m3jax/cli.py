@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("m3jax.commands.tokenizer", "train a sentencepiece tokenizer"),
     "prepare-data": ("m3jax.commands.prepare_data", "tokenizer, datasets, references, packing"),
     "train": ("m3jax.commands.train", "warmup or continual training (resumes by itself)"),
+    "bench train": ("m3jax.commands.bench_train", "warmup vs continual step tokens/s and MFU"),
 }
 
 # Commands whose issues are still open; `make demo` must run without failing.
@@ -36,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     print(usage())
     return 0
   name = argv[1]
+  if name == "bench" and len(argv) > 2 and not argv[2].startswith("-"):
+    name = f"bench {argv[2]}"  # `m3jax bench KIND --flags`
+    argv = [argv[0], name] + argv[3:]
   if name not in COMMANDS:
     if name in PLANNED:
       print(f"m3jax {name}: not yet available in this version.")
