@@ -31,8 +31,8 @@ def get_config() -> ml_collections.ConfigDict:
   m.dtype = "float32"  # compute dtype; bfloat16 on accelerators
   m.remat_policy = "none"  # none | full | dots_saveable | dots_with_no_batch_dims
   # Explicit memory (DESIGN.md "Model semantics").
-  m.memory_layers = ml_collections.FieldReference(None, field_type=list)  # None = first half
-  m.memory_heads = ml_collections.FieldReference(None, field_type=list)  # None = all KV heads
+  m.memory_layers = ml_collections.FieldReference(None, field_type=tuple)  # None = first half
+  m.memory_heads = ml_collections.FieldReference(None, field_type=tuple)  # None = all KV heads
   m.memory_tokens_per_head = 8
   m.reference_length = 128  # max tokens of a reference, prefix excluded
   m.chunk_length = 64
@@ -69,12 +69,12 @@ def get_config() -> ml_collections.ConfigDict:
   d.workdir_data = "data"  # relative to the workdir unless absolute
   d.tokenizer = ""  # path to a .model; empty = <workdir>/data/tokenizer.model
   d.corpus = "knowledge_world"  # knowledge_world | files | tfds
-  d.files = ml_collections.FieldReference(None, field_type=list)
+  d.files = ml_collections.FieldReference(None, field_type=tuple)
   d.text_field = "text"
   d.tfds_name = ""
   d.tfds_data_dir = ""
   d.tfds_split = "train"
-  d.kb_files = ml_collections.FieldReference(None, field_type=list)
+  d.kb_files = ml_collections.FieldReference(None, field_type=tuple)
   d.kb_tfds_name = ""
   d.kb_tfds_split = "train"
   d.kb_tfds_data_dir = ""  # empty = tfds_data_dir

@@ -13,5 +13,5 @@ def get_config():
   m.n_kv_heads = 8
   m.head_dim = 64
   m.mlp_dim = 2048
-  m.memory_layers = list(range(20))
+  m.memory_layers = tuple(range(20))
   return c

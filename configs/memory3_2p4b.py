@@ -15,7 +15,7 @@ def get_config():
   m.head_dim = 80
   m.mlp_dim = 3200
   m.max_seq_len = 2048
-  m.memory_layers = list(range(22))
+  m.memory_layers = tuple(range(22))
   m.memory_tokens_per_head = 8
   m.reference_length = 128
   m.chunk_length = 64

@@ -15,7 +15,7 @@ def get_config():
   m.head_dim = 16
   m.mlp_dim = 128
   m.max_seq_len = 64
-  m.memory_layers = [0, 1]
+  m.memory_layers = (0, 1)
   m.memory_tokens_per_head = 4
   m.reference_length = 24
   m.chunk_length = 16

@@ -217,6 +217,8 @@ def apply_override(cfg: ml_collections.ConfigDict, key: str, raw: str) -> None:
     value = ast.literal_eval(raw)
   except (ValueError, SyntaxError):
     value = raw
+  if isinstance(value, list):
+    value = tuple(value)  # sequence fields are tuples (absl config_flags can override those)
   old = node[leaf]
   if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
     value = float(value)

@@ -105,7 +105,7 @@ def test_continual_step_costs_about_twice_warmup(paper):
 
 def test_warmup_flops_formula_by_hand(repo_root):
   m = _model(repo_root, "tiny")
-  T, D, H, Hkv, dh, F, V, L = 64, 64, 4, 2, 16, 128, 256, 4
+  T, D, H, Hkv, dh, F, V, L = 64, 64, 4, 2, 16, 128, 512, 4
   per_block = D * H * dh + 2 * D * Hkv * dh + H * dh * D + 3 * D * F
   # Forward: 2 FLOPs per multiply-add; causal attention: QK and AV against t keys at
   # position t, t averaged to T/2; training is 3 forward passes.
