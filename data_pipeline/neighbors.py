@@ -369,7 +369,8 @@ class NeighborTable:
     parts = [np.zeros((0,) + self.row_shape, np.int32)]
     for i in range(lo // self._size, -(-hi // self._size)):
       base = i * self._size
-      parts.append(np.asarray(self._shard(i)[max(lo, base) - base:min(hi, base + self._size) - base]))
+      a, b = max(lo, base) - base, min(hi, base + self._size) - base
+      parts.append(np.asarray(self._shard(i)[a:b]))
     return np.concatenate(parts)
 
 
@@ -401,17 +402,15 @@ class PackedColumn:
         np.zeros((0,), self.dtype)
 
 
-def neighbors_dir(cfg: Any, workdir: str, split: str = "train") -> str:
+def neighbors_dir(root: str, split: str = "train") -> str:
   """Default place of a split's neighbor table: `<data root>/neighbors/<split>`."""
-  from data_pipeline import prepare
-  return os.path.join(prepare.data_root(cfg, workdir), "neighbors", split)
+  return os.path.join(root, "neighbors", split)
 
 
-def workdir_identity(cfg: Any, workdir: str, split: str = "train") -> dict[str, Any]:
-  """The manifest fields a neighbor table of this workdir, split and config must carry
-  (everything the trainer can check without opening the index)."""
+def expected_identity(cfg: Any, root: str, split: str = "train") -> dict[str, Any]:
+  """Manifest fields a neighbor table of this data root, split and config must carry:
+  everything a trainer can check without opening the index (`NeighborTable(expect=)`)."""
   from data_pipeline import prepare
-  root = prepare.data_root(cfg, workdir)
   manifest = prepare.load_manifest(root)
   stages = manifest["stages"]
   settings = MiningSettings.from_config(cfg, int(cfg.data.get("neighbor_shard_size", 1024)))
@@ -424,11 +423,12 @@ def workdir_identity(cfg: Any, workdir: str, split: str = "train") -> dict[str, 
       settings={k: v for k, v in settings.to_json().items() if k != "shard_size"})
 
 
-def open_neighbor_table(cfg: Any, workdir: str, split: str = "train",
+def open_neighbor_table(cfg: Any, root: str, split: str = "train",
                         path: str | None = None) -> NeighborTable:
-  """The finished neighbor table of a workdir, checked against its corpus and config."""
-  return NeighborTable(path or neighbors_dir(cfg, workdir, split),
-                       expect=workdir_identity(cfg, workdir, split))
+  """The finished neighbor table of a data root (`prepare.data_root`), checked against
+  its corpus, references, tokenizer and the config's mining settings."""
+  return NeighborTable(path or neighbors_dir(root, split),
+                       expect=expected_identity(cfg, root, split))
 
 
 def mine_workdir(cfg: Any, workdir: str, *, split: str = "train", params_dir: str | None = None,
@@ -445,9 +445,12 @@ def mine_workdir(cfg: Any, workdir: str, *, split: str = "train", params_dir: st
   tok = prepare.open_tokenizer(root)
   refs = prepare.open_references(root)
   index_path = os.path.abspath(index_path or index_lib.index_dir(cfg, workdir))
-  index, embedder = index_lib.load_reference_index(index_path, cfg, params_dir=params_dir,
+  if not os.path.isdir(index_path):
+    raise index_lib.IndexDirError(f"index {index_path} not found: run `m3jax build-index` "
+                                  "for this workdir first (or pass --index)")
+  index, embedder = index_lib.load_reference_index(index_path, params_dir=params_dir,
                                                    tokenizer=tok)
-  identity = workdir_identity(cfg, workdir, split)
+  identity = expected_identity(cfg, root, split)
   src = index.source
   want_refs = identity["inputs"]["references"]["settings_hash"]
   if src.get("references", {}).get("settings_hash") != want_refs or \
@@ -468,7 +471,7 @@ def mine_workdir(cfg: Any, workdir: str, *, split: str = "train", params_dir: st
     return [toks[i, :lens[i]] for i in range(len(ids))]
 
   return mine_neighbors(
-      out or neighbors_dir(cfg, workdir, split),
+      out or neighbors_dir(root, split),
       sequences=PackedColumn(packed, "tokens", np.int32), decode=tok.decode_batch,
       embedder=embedder, index=index, ref_tokens=ref_tokens, settings=settings, inputs=inputs,
       doc_keys=(PackedColumn(packed, "chunk_doc_keys", np.int64)

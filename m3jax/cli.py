@@ -16,6 +16,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("m3jax.commands.convert", "import/export Hugging Face Llama checkpoints"),
     "tokenizer": ("m3jax.commands.tokenizer", "train a sentencepiece tokenizer"),
     "prepare-data": ("m3jax.commands.prepare_data", "tokenizer, datasets, references, packing"),
+    "build-index": ("m3jax.commands.build_index", "embed the references and build the ScaNN index"),
+    "mine-neighbors": ("m3jax.commands.mine_neighbors",
+                       "one overlap-filtered reference per training chunk"),
     "train": ("m3jax.commands.train", "warmup or continual training (resumes by itself)"),
     "bench train": ("m3jax.commands.bench_train", "warmup vs continual step tokens/s and MFU"),
 }

@@ -146,18 +146,18 @@ def data_root(cfg: ml_collections.ConfigDict, workdir: str) -> str:
   return prepare.data_root(cfg, workdir)
 
 
-def neighbor_dir(root: str, split: str) -> str:
-  return os.path.join(root, "neighbors", split)
-
-
 def memory_inputs(cfg, root: str, split: str) -> tuple[Any, Any] | None:
-  """(NeighborTable, ReferenceStore) of a split, or None when it has no neighbor table."""
+  """(NeighborTable, ReferenceStore) of a split, or None when it has no neighbor table.
+
+  The table is checked against its corpus, references, tokenizer and the config's
+  mining settings, so a stale table is refused rather than silently used.
+  """
   from data_pipeline import neighbors as neighbors_lib
   from data_pipeline import prepare
-  path = neighbor_dir(root, split)
+  path = neighbors_lib.neighbors_dir(root, split)
   if not os.path.exists(os.path.join(path, neighbors_lib.MANIFEST)):
     return None
-  return neighbors_lib.NeighborTable(path), prepare.open_references(root)
+  return neighbors_lib.open_neighbor_table(cfg, root, split), prepare.open_references(root)
 
 
 def make_train_loader(ctx: RunContext, root: str):
@@ -166,8 +166,9 @@ def make_train_loader(ctx: RunContext, root: str):
   if ctx.use_memory:
     inputs = memory_inputs(ctx.cfg, root, "train")
     if inputs is None:
+      from data_pipeline import neighbors as neighbors_lib
       raise FileNotFoundError(
-          f"{neighbor_dir(root, 'train')}: no neighbor table; training with memory "
+          f"{neighbors_lib.neighbors_dir(root, 'train')}: no neighbor table; training with memory "
           f"(train.stage={ctx.cfg.train.stage!r}, train.use_memory={ctx.cfg.train.use_memory}) "
           "needs `m3jax mine-neighbors` first")
     neighbors, references = inputs

@@ -73,7 +73,7 @@ def forward(model: Transformer, params: Any, batch: Batch, *, use_memory: bool,
   Returns (logits, stats) where stats holds memory statistics when memory is on:
   `memory_chunk_share` (chunks whose reference exists) and, with
   `with_intermediates`, `memory_attention_mass` (softmax mass on memory tokens,
-  mean over memory layers, memory heads and non-prefix positions).
+  mean over memory layers and memory heads, over the positions that have a target).
   """
   variables = {"params": params}
   if not use_memory:
@@ -86,8 +86,10 @@ def forward(model: Transformer, params: Any, batch: Batch, *, use_memory: bool,
     return model.apply(variables, batch["tokens"], memories=memories, memory_mask=mask), stats
   logits, inter = model.apply(variables, batch["tokens"], memories=memories, memory_mask=mask,
                               mutable=["intermediates"])
-  masses = jax.tree.leaves(inter["intermediates"])
-  stats["memory_attention_mass"] = jnp.mean(jnp.stack([jnp.mean(m) for m in masses]))
+  masses = jnp.stack(jax.tree.leaves(inter["intermediates"]))  # [L_mem, B, T]
+  _, weights = targets_and_mask(batch, model.config.pad_id)  # real positions only
+  stats["memory_attention_mass"] = (jnp.sum(masses.mean(0) * weights) /
+                                    jnp.maximum(jnp.sum(weights), 1.0))
   return logits, stats
 
 

@@ -1,0 +1,59 @@
+"""`m3jax build-index`: embed every reference and build the ScaNN index.
+
+  m3jax build-index --config=configs/demo.py --workdir=runs/demo [--params=DIR]
+
+Reads the references and tokenizer of `<workdir>/data` (`m3jax prepare-data`),
+fits the embedder that `data.embedder` names on the reference texts, and writes
+`<workdir>/data/index/` (see `m3jax.index`): the searcher, the ref_id map, the
+embedder state and a manifest. `data.embedder=model` needs `--params` (a params
+directory of the trained model). Re-running with the same inputs reuses the index;
+other inputs are refused unless `--overwrite`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from m3jax import config as config_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory holding data/ (prepare-data).")
+_PARAMS = flags.DEFINE_string("params", None,
+                              "Params directory of the model (only for data.embedder=model).")
+_OUT = flags.DEFINE_string("out", None, "Index directory (default <workdir>/data/index).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an index built from other inputs.")
+_BRUTE_FORCE_BELOW = flags.DEFINE_integer(
+    "brute_force_below", 20_000, "Exact search below this many references; tree+AH above.")
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _CONFIG.value is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required")
+  from m3jax import embedder as emb_lib
+  from m3jax import index as index_lib
+  cfg = config_lib.validate(_CONFIG.value)
+  try:
+    index = index_lib.build_reference_index(
+        cfg, _WORKDIR.value, params_dir=_PARAMS.value, out=_OUT.value,
+        overwrite=_OVERWRITE.value,
+        settings=index_lib.IndexSettings(brute_force_below=_BRUTE_FORCE_BELOW.value))
+  except (config_lib.ConfigError, index_lib.IndexDirError, emb_lib.EmbedderError,
+          FileNotFoundError) as e:
+    print(f"m3jax build-index: error: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(json.dumps(dict(index=index.path, references=index.count, dim=index.dim,
+                        mode=index.settings["mode"], embedder=index.fingerprint), indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)
