@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -92,3 +93,39 @@ def test_two_processes_match_one(tiny_prepared, tmp_path, reference_run):
   assert sorted(got) == sorted(ref)
   np.testing.assert_allclose([got[s] for s in sorted(got)], [ref[s] for s in sorted(ref)],
                              rtol=2e-5)
+
+
+def test_continual_stage_from_warmup_reads_memory(tiny_prepared, tmp_path, reference_run):
+  from data_pipeline import neighbors as neighbors_lib
+  from m3jax import index as index_lib
+  from m3jax import train as train_lib
+  cfg, _ = tiny_prepared
+  wd = _workdir(tiny_prepared, tmp_path, "continual")
+  index_lib.build_reference_index(cfg, str(wd))
+  for split in ("train", "validation"):
+    neighbors_lib.mine_workdir(cfg, str(wd), split=split, progress_every_s=None)
+  c = cfg.copy_and_resolve_references()
+  c.train.update(stage="continual", init_from=str(reference_run), steps=3, log_every=1,
+                 eval_every=3, checkpoint_every=3)
+  out = train_lib.train(c, str(wd))
+  assert 0.0 < out["train/memory_chunk_share"] <= 1.0
+  assert 0.0 < out["train/memory_attention_mass"] < 1.0
+  assert "eval/memory/loss" in out and "eval/no_memory/loss" in out
+  # Continual starts from the warmup run's final parameters, not from a fresh init.
+  from m3jax import checkpoint as ckpt_lib
+  ctx = train_lib.build_context(c)
+  loaded = train_lib._load_init_params(c, ctx)
+  _, warm, step = ckpt_lib.load_for_inference(str(reference_run))
+  assert step == STEPS
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(warm)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_continual_without_neighbor_table_is_refused(tiny_prepared, tmp_path, reference_run):
+  from m3jax import train as train_lib
+  cfg, _ = tiny_prepared
+  wd = _workdir(tiny_prepared, tmp_path, "no_neighbors")
+  c = cfg.copy_and_resolve_references()
+  c.train.update(stage="continual", init_from=str(reference_run), steps=2)
+  with pytest.raises(FileNotFoundError, match="mine-neighbors"):
+    train_lib.train(c, str(wd))
