@@ -20,6 +20,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "mine-neighbors": ("m3jax.commands.mine_neighbors",
                        "one overlap-filtered reference per training chunk"),
     "train": ("m3jax.commands.train", "warmup or continual training (resumes by itself)"),
+    "encode-memory": ("m3jax.commands.encode_memory",
+                      "encode every reference into the memory bank (resumable, multi-host)"),
+    "bench encode": ("m3jax.commands.bench_encode", "reference encoding vs full forward tokens/s"),
     "bench train": ("m3jax.commands.bench_train", "warmup vs continual step tokens/s and MFU"),
 }
 
