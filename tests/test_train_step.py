@@ -1,5 +1,7 @@
 """The pure train step: masking, accumulation, memory path, determinism."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,17 +28,30 @@ def _batch(mc, b=4, seed=0, with_refs=False):
   return jax.tree.map(jnp.asarray, batch)
 
 
+_STEPS = {}
+
+
+def _step(mc, tx, use_memory, grad_accum=1):
+  """Jitted steps shared by the tests (compiling the memory step is the slow part)."""
+  key = (use_memory, grad_accum)
+  if key not in _STEPS:
+    _STEPS[key] = jax.jit(ts.make_train_step(mc, tx, use_memory=use_memory,
+                                             grad_accum=grad_accum))
+  return _STEPS[key]
+
+
 @pytest.fixture(scope="module")
 def setup(tiny_config):
-  mc = config_lib.model_config(tiny_config)
+  mc = dataclasses.replace(config_lib.model_config(tiny_config), max_seq_len=48)  # 3 chunks
   params = model_lib.init_params(mc, jax.random.key(0))
   t = tiny_config.train.copy_and_resolve_references()
   t.grad_clip = 0.0
-  return mc, params, t
+  _STEPS.clear()
+  return mc, params, t, optim.make_optimizer(t)
 
 
 def test_targets_shift_and_pad_mask(setup):
-  mc, _, _ = setup
+  mc = setup[0]
   batch = {"tokens": jnp.array([[5, 6, 7, 0]]), "next_token": jnp.array([0])}
   targets, mask = ts.targets_and_mask(batch, mc.pad_id)
   np.testing.assert_array_equal(targets, [[6, 7, 0, 0]])
@@ -44,7 +59,7 @@ def test_targets_shift_and_pad_mask(setup):
 
 
 def test_loss_ignores_padding_targets(setup):
-  mc, params, _ = setup
+  mc, params = setup[:2]
   step = ts.make_eval_step(mc, use_memory=False)
   batch = _batch(mc, b=2)
   padded = dict(batch, tokens=batch["tokens"].at[:, 40:].set(mc.pad_id),
@@ -59,13 +74,12 @@ def test_loss_ignores_padding_targets(setup):
 
 @pytest.mark.parametrize("use_memory", [False, True])
 def test_grad_accumulation_matches_full_batch(setup, use_memory):
-  mc, params, t = setup
-  tx = optim.make_optimizer(t)
+  mc, params, _, tx = setup
   batch = _batch(mc, b=4, with_refs=use_memory)
-  batch = dict(batch, tokens=batch["tokens"].at[0, 50:].set(mc.pad_id))  # uneven counts
+  batch = dict(batch, tokens=batch["tokens"].at[0, 30:].set(mc.pad_id))  # uneven counts
   state = ts.TrainState.create(params, tx)
-  full = jax.jit(ts.make_train_step(mc, tx, use_memory=use_memory))(state, batch)
-  acc = jax.jit(ts.make_train_step(mc, tx, use_memory=use_memory, grad_accum=2))(state, batch)
+  full = _step(mc, tx, use_memory)(state, batch)
+  acc = _step(mc, tx, use_memory, 2)(state, batch)
   np.testing.assert_allclose(full[1]["loss"], acc[1]["loss"], rtol=1e-5)
   np.testing.assert_allclose(full[1]["grad_norm"], acc[1]["grad_norm"], rtol=1e-4)
   for a, b in zip(jax.tree.leaves(full[0].params), jax.tree.leaves(acc[0].params)):
@@ -73,12 +87,11 @@ def test_grad_accumulation_matches_full_batch(setup, use_memory):
 
 
 def test_memory_changes_loss_and_reports_statistics(setup):
-  mc, params, t = setup
-  tx = optim.make_optimizer(t)
-  batch = _batch(mc, b=2, with_refs=True)
+  mc, params, _, tx = setup
+  batch = _batch(mc, b=4, with_refs=True)
   state = ts.TrainState.create(params, tx)
-  _, with_mem = jax.jit(ts.make_train_step(mc, tx, use_memory=True))(state, batch)
-  _, without = jax.jit(ts.make_train_step(mc, tx, use_memory=False))(state, batch)
+  _, with_mem = _step(mc, tx, True)(state, batch)
+  _, without = _step(mc, tx, False)(state, batch)
   assert abs(float(with_mem["loss"]) - float(without["loss"])) > 1e-6
   c = mc.max_seq_len // mc.chunk_length
   assert float(with_mem["memory_chunk_share"]) == pytest.approx((c - 1) / c)
@@ -86,9 +99,9 @@ def test_memory_changes_loss_and_reports_statistics(setup):
 
 
 def test_gradient_through_references_is_optional(setup):
-  mc, params, t = setup
+  mc, params = setup[:2]
   model = model_lib.Transformer(mc)
-  batch = _batch(mc, b=2, with_refs=True)
+  batch = _batch(mc, b=4, with_refs=True)
 
   def ref_grad(stop):
     def f(ref_emb_scale):
@@ -96,17 +109,16 @@ def test_gradient_through_references_is_optional(setup):
       p["embed"]["embedding"] = params["embed"]["embedding"] * ref_emb_scale
       logits, _ = ts.forward(model, p, batch, use_memory=True, grad_through_references=not stop)
       return jnp.mean(logits)
-    return jax.grad(f)(1.0)
+    return jax.jit(jax.grad(f))(1.0)
 
   assert np.isfinite(float(ref_grad(False)))
   assert float(ref_grad(False)) != pytest.approx(float(ref_grad(True)), rel=1e-6)
 
 
 def test_step_is_deterministic(setup):
-  mc, params, t = setup
-  tx = optim.make_optimizer(t)
-  batch = _batch(mc, b=2, with_refs=True)
-  step = jax.jit(ts.make_train_step(mc, tx, use_memory=True))
+  mc, params, _, tx = setup
+  batch = _batch(mc, b=4, with_refs=True)
+  step = _step(mc, tx, True)
   s0 = ts.TrainState.create(params, tx)
   a = step(s0, batch)[1]["loss"]
   b = step(s0, batch)[1]["loss"]
