@@ -36,6 +36,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from m3jax import atomic_io
 from m3jax import overlap as overlap_lib
 
 FORMAT = "m3jax-neighbors"
@@ -169,30 +170,6 @@ def mine_block(sequences: np.ndarray, *, decode: Callable[[list[np.ndarray]], li
 
 # ---------------------------------------------------------------- the table on disk
 
-def _atomic_json(path: str, obj: Any) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
-
-
-def _atomic_npy(path: str, array: np.ndarray) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    np.save(f, array)
-  os.replace(tmp, path)
-
-
-def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
-  if isinstance(old, dict) and isinstance(new, dict):
-    out = []
-    for k in sorted(set(old) | set(new)):
-      out += _diff(old.get(k), new.get(k), f"{prefix}{k}.")
-    return out
-  return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
-
-
 def _matches(manifest: Mapping[str, Any], expect: Mapping[str, Any], prefix: str = "") -> list[str]:
   """Fields of `expect` (nested) whose values differ in `manifest`."""
   bad = []
@@ -260,12 +237,12 @@ def mine_neighbors(out_dir: str, *, sequences: Any, decode: Callable[[list[np.nd
     with open(mpath) as f:
       old = json.load(f)
     if old != manifest:
-      diffs = "; ".join(_diff(old, manifest)[:8])
+      diffs = "; ".join(atomic_io.dict_diff(old, manifest)[:8])
       raise NeighborTableError(
           f"{out_dir} holds a neighbor table made with other inputs or settings ({diffs}); "
           "remove it or choose another directory")
   else:
-    _atomic_json(mpath, manifest)  # every process writes the same bytes
+    atomic_io.write_json(mpath, manifest)  # every process writes the same bytes
   for stale in glob.glob(os.path.join(out_dir, "*.tmp-*")):
     if stale.endswith(f".tmp-{os.getpid()}") or process_count == 1:
       os.remove(stale)
@@ -288,7 +265,7 @@ def mine_neighbors(out_dir: str, *, sequences: Any, decode: Callable[[list[np.nd
                       ref_doc_keys=ref_doc_keys)
     if settings.neighbors_per_chunk == 1:
       rows = rows[..., 0]
-    _atomic_npy(os.path.join(out_dir, shard_name(i)), np.ascontiguousarray(rows))
+    atomic_io.save_npy(os.path.join(out_dir, shard_name(i)), np.ascontiguousarray(rows))
     written += 1
     if progress is not None:
       progress.update(hi - lo)

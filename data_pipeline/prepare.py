@@ -38,6 +38,7 @@ from data_pipeline import packing
 from data_pipeline import references as references_lib
 from data_pipeline import tfds_builders
 from data_pipeline import tokenizer as tok_lib
+from m3jax import atomic_io
 
 MANIFEST = "manifest.json"
 FORMAT = "m3jax-data/1"
@@ -92,23 +93,6 @@ def settings_hash(settings: Any) -> str:
   return hashlib.sha256(json.dumps(_normalise(settings), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
-  if isinstance(old, dict) and isinstance(new, dict):
-    out = []
-    for k in sorted(set(old) | set(new)):
-      out += _diff(old.get(k), new.get(k), f"{prefix}{k}.")
-    return out
-  return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
-
-
-def _write_json(path: str, obj: Any) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
-
-
 def run_stage(root: str, name: str, settings: dict[str, Any],
               build: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
   """Reuses `<root>/<name>` if its settings match; else builds it atomically.
@@ -126,7 +110,7 @@ def run_stage(root: str, name: str, settings: dict[str, Any],
     with open(record_path) as f:
       record = json.load(f)
     if record["settings"] != settings:
-      diffs = "; ".join(_diff(record["settings"], settings)[:8])
+      diffs = "; ".join(atomic_io.dict_diff(record["settings"], settings)[:8])
       raise StageMismatchError(
           f"stage {name!r} in {final} was prepared with other settings ({diffs}). Use another "
           f"workdir (or data.workdir_data), or remove {final} to rebuild it")
@@ -141,7 +125,7 @@ def run_stage(root: str, name: str, settings: dict[str, Any],
     record = dict(stage=name, settings=settings, settings_hash=settings_hash(settings),
                   info=_normalise(info), seconds=round(time.time() - t0, 2),
                   finished=datetime.datetime.now(datetime.timezone.utc).isoformat())
-    _write_json(os.path.join(tmp, "stage.json"), record)
+    atomic_io.write_json(os.path.join(tmp, "stage.json"), record)
     os.rename(tmp, final)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -312,7 +296,7 @@ def _tokenizer_stage(cfg: Any, root: str, specs: list[dict[str, Any]],
           f"{root} was prepared with tokenizer {model} (hash {tok.hash[:12]}), but "
           f"data.tokenizer={d.tokenizer} has hash {settings['hash'][:12]}; use another workdir")
     if not d.tokenizer and recorded != _normalise(settings):
-      diffs = "; ".join(_diff(recorded, _normalise(settings))) if recorded else \
+      diffs = "; ".join(atomic_io.dict_diff(recorded, _normalise(settings))) if recorded else \
           "tokenizer was given, not trained"
       raise StageMismatchError(f"tokenizer {model} was prepared with other settings ({diffs}); "
                                "use another workdir or remove it (and every later stage)")
@@ -323,7 +307,7 @@ def _tokenizer_stage(cfg: Any, root: str, specs: list[dict[str, Any]],
     tok = given
     meta = given.metadata()
     meta["copied_from"] = os.path.abspath(given.path)
-    tok_lib.atomic_write(model, given.model_proto)
+    atomic_io.write_bytes(model, given.model_proto)
   else:
     sources = [references_lib.open_documents(s) for s in _unique(specs)]
     texts = corpus_lib.sample_evenly(sources, d.tokenizer_sample_chars)
@@ -337,7 +321,7 @@ def _tokenizer_stage(cfg: Any, root: str, specs: list[dict[str, Any]],
     os.remove(prefix + ".training.json")
   meta["prepare_settings"] = _normalise(settings)
   meta["seconds"] = round(time.time() - t0, 2)
-  _write_json(sidecar, meta)
+  atomic_io.write_json(sidecar, meta)
   return tok_lib.Tokenizer.load(model), settings
 
 
@@ -469,7 +453,7 @@ def _prepare(cfg: Any, mc: Any, root: str) -> dict[str, Any]:
   if "knowledge_world" in docs["info"]:
     manifest["knowledge_world"] = docs["info"]["knowledge_world"]
   manifest["seconds_this_run"] = round(time.time() - t0, 2)
-  _write_json(os.path.join(root, MANIFEST), manifest)
+  atomic_io.write_json(os.path.join(root, MANIFEST), manifest)
   return manifest
 
 

@@ -23,6 +23,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from m3jax import atomic_io
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 REFERENCE_SYMBOL = "Reference:"
 REFERENCE_ID = 4
@@ -105,17 +107,9 @@ def train_tokenizer(texts: Iterable[str], out: str, *, vocab_size: int,
   meta.update(model_type=model_type, training_lines=counter["lines"],
               max_sentences=max_sentences, seed=seed, trained_on=description)
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  atomic_write(out + ".model", data)
-  atomic_write(out + ".json", (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+  atomic_io.write_bytes(out + ".model", data)
+  atomic_io.write_json(out + ".json", meta)
   return tok
-
-
-def atomic_write(path: str, data: bytes) -> None:
-  """Writes `data` to a temporary file beside `path`, then renames it into place."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
 
 
 def _strip_model_suffix(path: str) -> str:

@@ -140,7 +140,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   logits = jnp.where(mask[:, None, None], logits, NEG)
 
   if memory is not None:
-    c, n = memory.keys.shape[1], memory.keys.shape[3]
+    c = memory.keys.shape[1]
     qc = _queries_to_chunks(qg, query_offset, c, chunk_length)  # [B, C, Lc, H_kv, G, d]
     mem_logits = jnp.einsum("bclkgd,bckmd->bkgclm", qc, memory.keys,
                             preferred_element_type=jnp.float32) * scale

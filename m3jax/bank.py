@@ -37,7 +37,6 @@ import json
 import logging
 import os
 import queue
-import socket
 import threading
 from typing import Any, Iterable, Sequence
 
@@ -46,6 +45,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from m3jax import atomic_io
 from m3jax import quantize as quant_lib
 from m3jax.config import ConfigError, ModelConfig
 from m3jax.memory_source import LRUCache, MemorySource, check_ref_ids
@@ -268,17 +268,6 @@ def diff_dicts(old: Any, new: Any, prefix: str = "") -> list[str]:
   return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-  """JSON (sorted keys, deterministic bytes) via a unique temporary name + rename."""
-  data = (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
-  tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 def read_json(path: str) -> Any:
   try:
     with open(path) as f:
@@ -300,7 +289,7 @@ def check_or_write_spec(root: str, spec: dict[str, Any]) -> None:
           "directory, or rerun with the original settings.")
     return
   os.makedirs(os.path.join(root, SHARDS_DIR), exist_ok=True)
-  write_json_atomic(path, spec)
+  atomic_io.write_json(path, spec)
 
 
 # ------------------------------------------------------------------ writing shards
@@ -319,13 +308,9 @@ class _HashingWriter:
     return self.f.write(mv)
 
 
-def _tmp_name(path: str) -> str:
-  return f"{path}.tmp-{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}"
-
-
 def write_npy_atomic(path: str, array: np.ndarray) -> tuple[str, int]:
   """Writes `array` as .npy under a temporary name, fsyncs, renames; (sha256, bytes)."""
-  tmp = _tmp_name(path)
+  tmp = atomic_io.tmp_name(path)
   with open(tmp, "wb") as f:
     w = _HashingWriter(f)
     np.lib.format.write_array(w, np.ascontiguousarray(array), allow_pickle=False)
@@ -344,7 +329,7 @@ def write_shard(root: str, shard: int, records: np.ndarray, *, n_refs: int, toke
   """
   path = os.path.join(root, shard_file(shard))
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = _tmp_name(path)
+  tmp = atomic_io.tmp_name(path)
   with open(tmp, "wb") as f:
     w = _HashingWriter(f)
     np.lib.format.write_array(w, np.ascontiguousarray(records), allow_pickle=False)
@@ -352,7 +337,7 @@ def write_shard(root: str, shard: int, records: np.ndarray, *, n_refs: int, toke
     os.fsync(f.fileno())
   info = dict(shard=shard, file=shard_file(shard), sha256=w.sha.hexdigest(), bytes=w.bytes,
               refs=int(n_refs), tokens=int(tokens))
-  write_json_atomic(path + ".json", info)
+  atomic_io.write_json(path + ".json", info)
   os.replace(tmp, path)
   return info
 
@@ -433,7 +418,7 @@ def finalize(root: str) -> dict[str, Any]:
                             bytes=bytes_total, record_bytes=spec["layout"]["record_bytes"])
   manifest["shards"] = shards
   manifest["complete"] = True
-  write_json_atomic(os.path.join(root, MANIFEST_FILE), manifest)
+  atomic_io.write_json(os.path.join(root, MANIFEST_FILE), manifest)
   pending = os.path.join(root, PENDING_DIR)
   if os.path.isdir(pending) and not os.listdir(pending):
     os.rmdir(pending)

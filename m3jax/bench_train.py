@@ -20,7 +20,6 @@ import numpy as np
 from m3jax import costs
 from m3jax import hardware
 from m3jax import train as train_lib
-from m3jax import train_step as step_lib
 
 
 def synthetic_batch(cfg: ml_collections.ConfigDict, seed: int = 0) -> dict[str, np.ndarray]:

@@ -230,10 +230,8 @@ def apply_override(cfg: ml_collections.ConfigDict, key: str, raw: str) -> None:
 
 def save_config(cfg: ml_collections.ConfigDict, path: str) -> None:
   """Writes the resolved config as JSON (what a run actually used)."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
-  os.replace(path + ".tmp", path)
+  from m3jax import atomic_io
+  atomic_io.write_bytes(path, cfg.to_json_best_effort(indent=2, sort_keys=True).encode())
 
 
 def config_from_json(path: str) -> ml_collections.ConfigDict:

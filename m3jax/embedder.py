@@ -30,6 +30,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from m3jax import atomic_io
+
 STATE_VERSION = 1
 
 
@@ -77,15 +79,6 @@ def _batches(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
       batch = []
   if batch:
     yield batch
-
-
-def _write_npz(path: str, **arrays: np.ndarray) -> None:
-  """Atomic .npz write (temp file + rename), no pickle."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    np.savez_compressed(f, **arrays)
-  os.replace(tmp, path)
 
 
 def _read_npz(path: str) -> dict[str, np.ndarray]:
@@ -331,7 +324,7 @@ class LexicalEmbedder(Embedder):
     return self._fingerprint
 
   def save(self, path: str) -> None:
-    _write_npz(path, kind=np.array(self.kind), version=np.array(STATE_VERSION),
+    atomic_io.save_npz(path, kind=np.array(self.kind), version=np.array(STATE_VERSION),
                settings=np.array(json.dumps(dataclasses.asdict(self.settings), sort_keys=True)),
                df=self.df.astype(np.uint32 if self.n_docs < 2**32 else np.int64),
                n_docs=np.array(self.n_docs, dtype=np.int64),
@@ -464,7 +457,7 @@ class ModelEmbedder(Embedder):
   def save(self, path: str) -> None:
     settings = dict(layer=self.layer, max_len=self.max_len, tokenizer_hash=self.tokenizer_hash,
                     params_id=self.params_id, model=self.model_config.fingerprint())
-    _write_npz(path, kind=np.array(self.kind), version=np.array(STATE_VERSION),
+    atomic_io.save_npz(path, kind=np.array(self.kind), version=np.array(STATE_VERSION),
                settings=np.array(json.dumps(settings, sort_keys=True)),
                mean=self.mean, fingerprint=np.array(self.fingerprint()))
 

@@ -470,7 +470,7 @@ def window_memories(chunk_memories: jax.Array, chunk_valid: jax.Array,
 
 @functools.lru_cache(maxsize=8)
 def _jitted_init(config: ModelConfig):
-  tokens = jnp.zeros((1, config.chunk_length), jnp.int32)
+  tokens = np.zeros((1, config.chunk_length), np.int32)  # numpy: safe to cache under a trace
   return jax.jit(lambda r: nn.unbox(Transformer(config).init(r, tokens)["params"]))
 
 

@@ -37,7 +37,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
 import zipfile
 from typing import Any, Callable, Sequence
 
@@ -45,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m3jax import atomic_io
 from m3jax.memory_source import MemorySource
 
 METHODS = ("none", "int8", "pq")
@@ -376,12 +376,7 @@ class ProductQuantizer(MemoryCodec):
   def save(self, path: str) -> str:
     """Writes the quantizer atomically; returns its sha256."""
     data = self.to_bytes()
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_io.write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
 
   @classmethod

@@ -15,8 +15,6 @@ initialised from `seed`.
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
 import os
 import time
 from typing import Any, Callable

@@ -24,7 +24,8 @@ def test_paper_model_shape(repo_root):
 
 
 def test_default_memory_layers_are_first_half(repo_root):
-  mc = config_lib.model_config(_load(repo_root, "demo"))
+  mc = config_lib.model_config(_load(repo_root, "tiny", "model.memory_layers=None",
+                                     "model.n_layers=6"))
   assert mc.memory_layers == (0, 1, 2)
   assert mc.memory_heads == (0, 1)
 
