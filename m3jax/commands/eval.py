@@ -1,0 +1,116 @@
+"""`m3jax eval`: evaluate a checkpoint with explicit memory, without memory and with RAG.
+
+  m3jax eval --workdir=runs/demo [--checkpoint=runs/demo] \\
+      [--task=perplexity,kw_qa,kw_mc,hellaswag=hs.jsonl,arc=arc.jsonl,boolq=boolq.jsonl] \\
+      [--modes=explicit,none,rag] [--limit=200] [--bank=DIR] [--index=DIR] \\
+      [--overlap_threshold=0.667 | --noleakage_filter] [--unfiltered] [--output=FILE]
+
+Tasks (m3jax.evaluate): perplexity (held-out packed sequences), kw_qa (knowledge
+world exact match by greedy generation, per entity group), kw_mc (the same
+questions as multiple choice), hellaswag / arc / boolq (=FILE: lm-evaluation-
+harness style JSONL). The leakage filter (references with overlap above the
+threshold with the question are dropped; default `data.eval_overlap_threshold`,
+2/3) is on by default and the number of references it dropped is reported;
+--unfiltered also runs the memory modes with it off. Prints a table and writes
+JSON to --output (default `<workdir>/eval/results-step<STEP>.json`, or
+`results.json` for a params directory without a step).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Params dir, training workdir, "
+                                  "checkpoints dir or step dir (default: --workdir).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: data/, index, bank, and "
+                               "where results go.")
+_TASK = flags.DEFINE_list("task", ["perplexity", "kw_qa", "kw_mc"],
+                          "Tasks: perplexity, kw_qa, kw_mc, hellaswag=FILE, arc=FILE, "
+                          "boolq=FILE.")
+_MODES = flags.DEFINE_list("modes", ["explicit", "none", "rag"], "Memory modes to run.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "prepare-data directory.")
+_INDEX = flags.DEFINE_string("index", None, "Index directory (default <data>/index).")
+_BANK = flags.DEFINE_string("bank", None, "Memory bank (default <workdir>/bank if present; "
+                            "else references are encoded on the fly).")
+_LIMIT = flags.DEFINE_integer("limit", None, "At most this many items (sequences) per task.")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Sequences per forward / generation batch.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 16, "Answer tokens generated for kw_qa.")
+_FILTER = flags.DEFINE_bool("leakage_filter", True, "Drop references that overlap the "
+                            "question (eq. 6) by more than --overlap_threshold.")
+_THRESHOLD = flags.DEFINE_float("overlap_threshold", None,
+                                "Leakage-filter threshold (default data.eval_overlap_threshold).")
+_UNFILTERED = flags.DEFINE_bool("unfiltered", False,
+                                "Also run the memory modes with the leakage filter off.")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
+                           "Compute dtype (default: the checkpoint config's).")
+_OUTPUT = flags.DEFINE_string("output", None, "Results JSON path.")
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from m3jax import evaluate as ev
+  from m3jax import generate as gen_lib
+  from m3jax import inference
+  checkpoint = _CHECKPOINT.value or _WORKDIR.value
+  try:
+    tasks = ev.parse_tasks(_TASK.value)
+    modes = [m.strip() for m in _MODES.value]
+    for m in modes:
+      if m not in gen_lib.MEMORY_MODES:
+        raise ValueError(f"--modes: unknown mode {m!r}; expected {gen_lib.MEMORY_MODES}")
+    if not checkpoint:
+      raise ValueError("pass --workdir (and/or --checkpoint)")
+    if _BATCH.value < 1 or _MAX_NEW.value < 1:
+      raise ValueError("--batch_size and --max_new_tokens must be >= 1")
+    inf = inference.open_inference(checkpoint, modes=modes, workdir=_WORKDIR.value,
+                                   data_dir=_DATA_DIR.value, index_dir=_INDEX.value,
+                                   bank_dir=_BANK.value, dtype=_DTYPE.value)
+    threshold = None
+    if _FILTER.value:
+      threshold = (_THRESHOLD.value if _THRESHOLD.value is not None
+                   else float(inf.cfg.data.eval_overlap_threshold))
+    if inf.retriever is not None:
+      inf.retriever = inf.retriever.with_threshold(threshold)
+    data = {}
+    for name, path in tasks.items():
+      if name == "perplexity":
+        data[name] = ev.load_heldout_sequences(inf.data_root, _LIMIT.value)
+      elif name in ("kw_qa", "kw_mc"):
+        qa, mc = ev.load_knowledge_qa(inf.data_root, _LIMIT.value)
+        data[name] = qa if name == "kw_qa" else mc
+      else:
+        data[name] = ev.load_mc_jsonl(name, path, _LIMIT.value)
+  except (ValueError, FileNotFoundError, KeyError) as e:
+    print(f"m3jax eval: error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+  setup = ev.EvalSetup(inf.config, inf.params, inf.tokenizer, retriever=inf.retriever,
+                       references=inf.references, memory_source=inf.memory_source,
+                       batch_size=_BATCH.value, max_new_tokens=_MAX_NEW.value)
+  t0 = time.time()
+  log = lambda msg: print(msg, file=sys.stderr, flush=True)
+  results = ev.run_all(setup, data, modes, unfiltered=_UNFILTERED.value and _FILTER.value,
+                       log=log)
+  report = dict(checkpoint=inf.paths["checkpoint"], step=inf.step, paths=inf.paths,
+                modes=modes, leakage_filter_threshold=threshold,
+                items={k: len(v) for k, v in data.items()},
+                seconds=round(time.time() - t0, 1), results=results)
+  print(ev.format_table(results))
+  name = "results.json" if inf.step is None else f"results-step{inf.step}.json"
+  out = _OUTPUT.value or os.path.join(_WORKDIR.value or checkpoint, "eval", name)
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out + ".tmp", "w") as f:
+    json.dump(report, f, indent=2)
+  os.replace(out + ".tmp", out)
+  print(f"results: {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+  app.run(main)
