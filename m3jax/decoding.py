@@ -1,8 +1,10 @@
 """The key-value cache for incremental decoding, and the arithmetic around it.
 
-Layout: one preallocated array per K and V, all layers stacked,
-[n_layers, B, S, H_kv, d] with S = prefix_length + max_length slots (static
-shapes, so `Transformer.prefill` / `Transformer.decode_step` jit once). With the
+Layout: one preallocated array per layer for K and for V, each [B, S, H_kv, d]
+with S = prefix_length + max_length slots (static shapes, so
+`Transformer.prefill` / `Transformer.decode_step` jit once). Per-layer arrays
+(not one stacked array) let a decode step write its slot in place: a stacked
+cache made XLA copy a whole layer per step, which grew with the cache size. With the
 memory prefix on, slots [0, P) hold the `<s>Reference:` prefix (rotary positions
 0..P-1) and context token i sits in slot P + i at rotary position
 `context_offset + i`; with it off, token i sits in slot i at position i.
@@ -25,21 +27,21 @@ from m3jax.config import ModelConfig
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
-# Logical axis names of the cache arrays (mapped to mesh axes by the rules table).
-CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+# Logical axis names of each layer's cache array (mapped to mesh axes by the rules table).
+CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")
 
 
 @struct.dataclass
 class KVCache:
   """Preallocated KV cache (a pytree; `prefix_length` is static)."""
-  k: jax.Array  # [n_layers, B, S, H_kv, d], keys after rotary embedding
-  v: jax.Array  # [n_layers, B, S, H_kv, d]
+  k: tuple[jax.Array, ...]  # per layer [B, S, H_kv, d], keys after rotary embedding
+  v: tuple[jax.Array, ...]  # per layer [B, S, H_kv, d]
   length: jax.Array  # [B] int32, context tokens written (prefix not counted)
   prefix_length: int = struct.field(pytree_node=False, default=0)
 
   @property
   def slots(self) -> int:
-    return self.k.shape[2]
+    return self.k[0].shape[1]
 
   @property
   def max_length(self) -> int:
@@ -59,9 +61,10 @@ def init_cache(config: ModelConfig, batch_size: int, max_length: int, *, with_pr
     raise ValueError(f"init_cache: batch_size={batch_size} and max_length={max_length} "
                      f"must be positive")
   p = config.prefix_length if with_prefix else 0
-  shape = (config.n_layers, batch_size, p + max_length, config.n_kv_heads, config.head_dim)
+  shape = (batch_size, p + max_length, config.n_kv_heads, config.head_dim)
   dt = _DTYPES[dtype or config.dtype]
-  return KVCache(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt),
+  zeros = tuple(jnp.zeros(shape, dt) for _ in range(config.n_layers))
+  return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dt) for _ in range(config.n_layers)),
                  length=jnp.zeros((batch_size,), jnp.int32), prefix_length=p)
 
 
@@ -78,7 +81,8 @@ def chunk_of_next_token(config: ModelConfig, cache: KVCache) -> jax.Array:
 def cache_logical_axes(cache: KVCache) -> KVCache:
   """The cache's logical partition specs (a KVCache of PartitionSpecs)."""
   spec = jax.sharding.PartitionSpec(*CACHE_AXES)
-  return cache.replace(k=spec, v=spec, length=jax.sharding.PartitionSpec("batch"))
+  layers = tuple(spec for _ in cache.k)
+  return cache.replace(k=layers, v=layers, length=jax.sharding.PartitionSpec("batch"))
 
 
 def cache_shardings(cache: KVCache, mesh: jax.sharding.Mesh, rules) -> KVCache:

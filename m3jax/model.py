@@ -147,10 +147,10 @@ class Attention(nn.Module):
     keys, values, new_cache = k_rot, v, None
     if cache is not None:
       ck, cv = cache
-      if mode.decode:  # one new token per sequence, at its own slot
-        write = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, axis=0))
-        ck = write(ck, k_rot.astype(ck.dtype), slot)
-        cv = write(cv, v.astype(cv.dtype), slot)
+      if mode.decode:  # one new token per sequence, at its own slot (in place)
+        rows = jnp.arange(ck.shape[0])
+        ck = ck.at[rows, slot].set(k_rot[:, 0].astype(ck.dtype))
+        cv = cv.at[rows, slot].set(v[:, 0].astype(cv.dtype))
         keys, values = ck.astype(k_rot.dtype), cv.astype(v.dtype)
       else:  # prefill: the whole (prefix +) prompt from slot 0
         ck = jax.lax.dynamic_update_slice_in_dim(ck, k_rot.astype(ck.dtype), 0, axis=1)
@@ -260,10 +260,10 @@ class Transformer(nn.Module):
   def _layers(self, x, positions, mask, mode: Mode, *, memories=None, memory_mask=None,
               cache: KVCache | None = None, slot=None, select_valid=None,
               n_layers: int | None = None):
-    """Runs layers 0..n_layers-1; returns (x, (k, v) stacked caches or None, memories)."""
+    """Runs layers 0..n_layers-1; returns (x, (k, v) per-layer caches or None, memories)."""
     cfg = self.config
     mem_slot = {layer: i for i, layer in enumerate(cfg.memory_layers)}
-    ck, cv = (cache.k, cache.v) if cache is not None else (None, None)
+    ck, cv = (list(cache.k), list(cache.v)) if cache is not None else (None, None)
     selected = []
     for i in range(cfg.n_layers if n_layers is None else n_layers):
       memory = None
@@ -277,10 +277,10 @@ class Transformer(nn.Module):
       x, new_cache, sel = self.layers[i](x, positions, mask, memory, layer_cache, slot,
                                          select_valid if layer_mode.select else None, layer_mode)
       if new_cache is not None:
-        ck, cv = ck.at[i].set(new_cache[0]), cv.at[i].set(new_cache[1])
+        ck[i], cv[i] = new_cache
       if sel is not None:
         selected.append(sel)
-    return x, ((ck, cv) if cache is not None else None), selected
+    return x, ((tuple(ck), tuple(cv)) if cache is not None else None), selected
 
   def _logits(self, x: jax.Array) -> jax.Array:
     x = self.final_norm(x)
@@ -423,7 +423,7 @@ class Transformer(nn.Module):
     tokens [B] sit at context index `cache.length`. memories [B, M, L_mem, 2, H_mem,
     k, d_h] are those of that token's chunk (`decoding.chunk_of_next_token`),
     memory_mask [B, M] or broadcastable to [B, M, L_mem, H_mem, k]. The caller
-    keeps `cache.length < cache.max_length` (writes past the end are clamped).
+    keeps `cache.length < cache.max_length` (writes past the end are dropped).
     """
     cfg = self.config
     b = tokens.shape[0]

@@ -94,7 +94,8 @@ def test_cache_layout_and_misuse(setup):
   cfg, params = setup
   cache = decoding.init_cache(cfg, 3, 32, with_prefix=True)
   p = cfg.prefix_length
-  assert cache.k.shape == (cfg.n_layers, 3, p + 32, cfg.n_kv_heads, cfg.head_dim)
+  assert len(cache.k) == len(cache.v) == cfg.n_layers
+  assert cache.k[0].shape == (3, p + 32, cfg.n_kv_heads, cfg.head_dim)
   assert cache.max_length == 32 and decoding.position_offset(cfg, cache) == cfg.context_offset
   plain = decoding.init_cache(cfg, 3, 32, with_prefix=False)
   assert plain.slots == 32 and decoding.position_offset(cfg, plain) == 0
