@@ -172,6 +172,10 @@ def _jsonable(x: Any) -> Any:
   return str(x)
 
 
+class StageInterrupted(DemoError):
+  """A stage stopped early (preemption); later stages must not run on its output."""
+
+
 def _train_done(cfg: ml_collections.ConfigDict, workdir: str) -> bool:
   from m3jax import checkpoint as ckpt_lib
   ck = ckpt_lib.checkpoint_dir(workdir)
@@ -185,6 +189,9 @@ def _train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
   from m3jax import metrics as metrics_lib
   from m3jax import train as train_lib
   train_lib.train(cfg, workdir)
+  if not _train_done(cfg, workdir):  # stopped by SIGTERM/SIGINT after its checkpoint
+    raise StageInterrupted(f"training in {workdir} stopped before step {cfg.train.steps}; "
+                           "its checkpoint is saved: rerun the demo to continue")
   last: dict[str, Any] = {}
   for r in metrics_lib.read_jsonl(workdir):
     last.update({k: v for k, v in r.items() if k not in ("time",)})

@@ -92,3 +92,14 @@ def test_unknown_demo_field_is_refused(repo_root):
   cfg.demo.not_a_field = 1
   with pytest.raises(demo.DemoError, match="demo.not_a_field"):
     demo.demo_settings(cfg)
+
+
+def test_interrupted_training_stops_the_demo(monkeypatch, tmp_path):
+  from m3jax import demo as demo_lib
+  from m3jax import train as train_lib
+  from m3jax.config import load_config
+  from conftest import REPO
+  cfg = load_config(str(REPO / "configs" / "tiny.py"))
+  monkeypatch.setattr(train_lib, "train", lambda c, w: None)  # returns without finishing
+  with pytest.raises(demo_lib.StageInterrupted, match="rerun the demo"):
+    demo_lib._train_stage(cfg, str(tmp_path))
