@@ -15,6 +15,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from m3jax import commands
 from m3jax import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
@@ -30,10 +31,7 @@ _JSON = flags.DEFINE_string("json", None, "Also write the figures to this JSON f
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _CONFIG.value is None:
-    raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
+  commands.check_args(argv, _CONFIG)
   from m3jax import bench_encode
   cfg = config_lib.validate(_CONFIG.value)
   try:

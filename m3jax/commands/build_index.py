@@ -19,6 +19,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from m3jax import commands
 from m3jax import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -33,12 +34,7 @@ _BRUTE_FORCE_BELOW = flags.DEFINE_integer(
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _CONFIG.value is None:
-    raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
-  if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required")
+  commands.check_args(argv, _CONFIG, _WORKDIR)
   from m3jax import embedder as emb_lib
   from m3jax import index as index_lib
   cfg = config_lib.validate(_CONFIG.value)

@@ -18,6 +18,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from m3jax import commands
 from m3jax import config as config_lib
 from m3jax import convert
 from m3jax import params_io
@@ -54,8 +55,7 @@ def main(argv: list[str]) -> None:
 
 
 def _convert(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  commands.check_args(argv)
   if _OUT.value is None:
     raise app.UsageError("--out is required")
   if bool(_FROM_HF.value) == bool(_TO_HF.value):

@@ -11,6 +11,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from m3jax import commands
 from m3jax import config as config_lib
 from m3jax import costs
 
@@ -41,10 +42,7 @@ def _parse_uses(values: list[str]) -> list[float]:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _CONFIG.value is None:
-    raise app.UsageError("--config is required, e.g. --config=configs/memory3_2p4b.py")
+  commands.check_args(argv, _CONFIG)
   if _REFERENCES.value <= 0:
     raise app.UsageError(f"--references must be positive, got {_REFERENCES.value}")
   if _BYTES_PER_VECTOR.value <= 0:

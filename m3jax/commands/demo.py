@@ -16,6 +16,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from m3jax import commands
 from m3jax import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
@@ -23,10 +24,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "demo_workdir", "Where every stage wri
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _CONFIG.value is None:
-    raise app.UsageError("--config is required")
+  commands.check_args(argv, _CONFIG)
   from m3jax import demo
   try:
     cfg = config_lib.validate(_CONFIG.value)

@@ -21,6 +21,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from m3jax import commands
 from m3jax import config as config_lib
 from m3jax import distributed
 
@@ -44,8 +45,7 @@ distributed.define_distributed_flags()
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  commands.check_args(argv)
   for name, flag in (("config", _CONFIG), ("checkpoint", _CHECKPOINT),
                      ("references", _REFERENCES), ("out", _OUT)):
     if not flag.value:

@@ -26,6 +26,8 @@ import time
 from absl import app
 from absl import flags
 
+from m3jax import commands
+
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Params dir, training workdir, "
                                   "checkpoints dir or step dir (default: --workdir).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: data/, index, bank, and "
@@ -53,8 +55,7 @@ _OUTPUT = flags.DEFINE_string("output", None, "Results JSON path.")
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  commands.check_args(argv)
   from m3jax import evaluate as ev
   from m3jax import generate as gen_lib
   from m3jax import inference

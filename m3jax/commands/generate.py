@@ -22,6 +22,8 @@ import sys
 from absl import app
 from absl import flags
 
+from m3jax import commands
+
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
                                   "Params dir, training workdir, checkpoints dir or step dir.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default data/index/bank "
@@ -47,8 +49,7 @@ _OUTPUT = flags.DEFINE_string("output", None, "Also write {prompt, completion} J
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  commands.check_args(argv)
   import jax
   from m3jax import generate as gen_lib
   from m3jax import inference

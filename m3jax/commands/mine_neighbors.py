@@ -20,6 +20,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from m3jax import commands
 from m3jax import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -40,12 +41,7 @@ _MAX_SHARDS = flags.DEFINE_integer("max_shards", None,
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _CONFIG.value is None:
-    raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
-  if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required")
+  commands.check_args(argv, _CONFIG, _WORKDIR)
   if not 0 <= _PROCESS_INDEX.value < _PROCESS_COUNT.value:
     raise app.UsageError(f"--process_index={_PROCESS_INDEX.value} is not in "
                          f"[0, --process_count={_PROCESS_COUNT.value})")

@@ -15,6 +15,8 @@ import sys
 from absl import app
 from absl import flags
 
+from m3jax import commands
+
 _INPUT = flags.DEFINE_list("input", None, "Text files or glob patterns (.txt, .jsonl, .gz).")
 _VOCAB = flags.DEFINE_integer("vocab_size", None, "Vocabulary size, special pieces included.")
 _OUT = flags.DEFINE_string("out", None, "Output prefix: writes OUT.model and OUT.json.")
@@ -30,8 +32,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  commands.check_args(argv)
   for flag, value in (("--input", _INPUT.value), ("--vocab_size", _VOCAB.value),
                       ("--out", _OUT.value)):
     if not value:

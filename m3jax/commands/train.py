@@ -14,6 +14,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from m3jax import commands
 from m3jax import config as config_lib
 from m3jax import distributed
 
@@ -26,10 +27,7 @@ distributed.define_distributed_flags()
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _CONFIG.value is None:
-    raise app.UsageError("--config is required")
+  commands.check_args(argv, _CONFIG)
   distributed.initialize_from_flags()
   from m3jax import train  # after distributed init: it touches devices
   cfg = config_lib.validate(_CONFIG.value)
