@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m3jax import decoding
 from m3jax import generate as gen_lib
 from m3jax import rag as rag_lib
 from m3jax import retrieval_schedule as schedule
@@ -162,12 +163,41 @@ def perplexity_from(nll_sum: float, n_tokens: int) -> dict[str, Any]:
 # Scoring with the model
 
 
+def split_continuation(tokenizer: Any, context: str, continuation: str,
+                       context_tokens: Sequence[int] | None = None
+                       ) -> tuple[list[int], list[int]]:
+  """(context tokens, continuation tokens) as the model sees context + continuation.
+
+  Encoding the continuation on its own is wrong for SentencePiece-style
+  tokenizers: " Paris" alone becomes ["▁", "▁Paris"], while after "Answer:" the
+  text holds ["▁Paris"]. So the whole string is encoded and split after the
+  longest prefix it shares with the encoded context (lm-evaluation-harness does
+  the same); when a token straddles the boundary, it goes to the continuation.
+  """
+  ctx = list(tokenizer.encode(context)) if context_tokens is None else list(context_tokens)
+  whole = list(tokenizer.encode(context + continuation))
+  n = 0
+  while n < min(len(ctx), len(whole)) and ctx[n] == whole[n]:
+    n += 1
+  if n == len(whole):
+    raise ValueError(f"continuation {continuation!r} encodes to no tokens after context "
+                     f"{context[-40:]!r}")
+  return whole[:n], whole[n:]
+
+
 def _bucket_length(n: int, chunk_length: int) -> int:
-  """Next power-of-two number of chunks covering n tokens (few compiled shapes)."""
-  chunks = 1
-  while chunks * chunk_length < n:
-    chunks *= 2
-  return chunks * chunk_length
+  """Padded length for n tokens: a power of two (>= 16) up to one chunk, then whole
+  chunks. Few distinct shapes (few compiles) without padding short items to a chunk."""
+  if n <= chunk_length:
+    return min(_pow2(n, 16), chunk_length)
+  return -(-n // chunk_length) * chunk_length
+
+
+def _pow2(n: int, floor: int = 1) -> int:
+  t = floor
+  while t < n:
+    t *= 2
+  return t
 
 
 @functools.lru_cache(maxsize=None)
@@ -183,6 +213,42 @@ def _forward(config: ModelConfig):
     return token_lp, jnp.argmax(logits, axis=-1) == targets
 
   return jax.jit(forward, static_argnames=("with_prefix",))
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_prefix_scores(config: ModelConfig):
+  """Jitted scoring of K continuations per context that encodes each context ONCE.
+
+  (params, contexts [B, Tc] right-padded, lengths [B], continuations [B, K, Lc])
+  -> (log p of each continuation token [B, K, Lc], token is argmax [B, K, Lc]).
+  The context is prefilled into a KV cache, the cache is repeated K times and the
+  continuation tokens are fed with decode steps. No memory: for modes none / rag,
+  where contexts (with RAG, five references) dwarf the choices.
+  """
+  model = Transformer(config)
+
+  def score(params, contexts, lengths, conts):
+    b, k, lc = conts.shape
+    cache = decoding.init_cache(config, b, contexts.shape[1] + lc, with_prefix=False)
+    logits, cache = model.apply({"params": params}, contexts, cache, lengths=lengths,
+                                last_only=True, method=Transformer.prefill)
+    cache = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), cache)
+    flat = conts.reshape(b * k, lc)
+    first = jnp.repeat(logits, k, axis=0)  # [B*K, V] predicts continuation token 0
+
+    def step(cache, tokens):
+      logits, cache = model.apply({"params": params}, tokens, cache,
+                                  method=Transformer.decode_step)
+      return cache, logits
+
+    _, later = jax.lax.scan(step, cache, flat[:, :-1].T)  # [Lc-1, B*K, V]
+    logits = jnp.concatenate([first[None], later], axis=0)  # [Lc, B*K, V]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    token_lp = jnp.take_along_axis(logp, flat.T[..., None], axis=-1)[..., 0]
+    greedy = jnp.argmax(logits, axis=-1) == flat.T
+    return token_lp.T.reshape(b, k, lc), greedy.T.reshape(b, k, lc)
+
+  return jax.jit(score)
 
 
 class Scorer:
@@ -223,18 +289,20 @@ class Scorer:
       self._retrieve_rag(sorted({r.question for r in requests}))
     for r in requests:
       if r.context not in ctx_cache:
-        ctx_cache[r.context] = [bos] + list(self.tokenizer.encode(r.context))
-      ctx = ctx_cache[r.context]
-      cont = list(self.tokenizer.encode(r.continuation))
-      if not cont:
-        raise ValueError(f"continuation {r.continuation!r} encodes to no tokens")
+        ctx_cache[r.context] = list(self.tokenizer.encode(r.context))
+      ctx, cont = split_continuation(self.tokenizer, r.context, r.continuation,
+                                     ctx_cache[r.context])
+      ctx = [bos] + ctx
       if self.mode == "rag":
         ctx = rag_lib.build_context(self._rag_cache[r.question], ctx, bos_id=bos,
                                     separator=self.separator)
       seqs.append(ctx + cont)
       starts.append(len(ctx))
       filters.append(r.question)
-    return self._score(seqs, starts, starts, filters)
+    if self.mode == "explicit":  # memories follow the chunk schedule: full forward
+      return self._score(seqs, starts, starts, filters)
+    return self._score_shared([s[:n] for s, n in zip(seqs, starts)],
+                              [s[n:] for s, n in zip(seqs, starts)])
 
   def sequence_nll(self, sequences: Sequence[Sequence[int]]) -> tuple[float, int]:
     """(sum of -log p, tokens scored) over every token after the first of each sequence.
@@ -287,6 +355,36 @@ class Scorer:
       self._rag_cache[q] = [toks[row, j, :lens[row, j]].tolist()
                             for j in range(got.ids.shape[1]) if got.ids[row, j] >= 0]
 
+  def _score_shared(self, contexts: list[list[int]], conts: list[list[int]]
+                    ) -> list[LLResult]:
+    """Log-likelihood of each continuation, each distinct context encoded once."""
+    cfg, B = self.config, self.batch_size
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, c in enumerate(contexts):
+      groups.setdefault(tuple(c), []).append(i)
+    keys = sorted(groups, key=len)
+    out: list[LLResult | None] = [None] * len(contexts)
+    fn = _shared_prefix_scores(cfg)
+    for lo in range(0, len(keys), B):
+      batch = keys[lo:lo + B]
+      tc = _bucket_length(max(len(c) for c in batch), cfg.chunk_length)
+      k = _pow2(max(len(groups[c]) for c in batch))
+      lc = _pow2(max(len(conts[i]) for c in batch for i in groups[c]))
+      ctx = np.full((B, tc), cfg.pad_id, np.int32)
+      lengths = np.ones((B,), np.int32)
+      ct = np.full((B, k, lc), cfg.pad_id, np.int32)
+      for j, c in enumerate(batch):
+        ctx[j, :len(c)], lengths[j] = c, len(c)
+        for m, i in enumerate(groups[c]):
+          ct[j, m, :len(conts[i])] = conts[i]
+      lp, greedy = fn(self.params, jnp.asarray(ctx), jnp.asarray(lengths), jnp.asarray(ct))
+      lp, greedy = np.asarray(lp, np.float64), np.asarray(greedy)
+      for j, c in enumerate(batch):
+        for m, i in enumerate(groups[c]):
+          n = len(conts[i])
+          out[i] = LLResult(float(lp[j, m, :n].sum()), n, bool(greedy[j, m, :n].all()))
+    return out  # type: ignore[return-value]
+
   def _score(self, seqs: list[list[int]], n_prompts: list[int], starts: list[int],
              filters: list[str | None]) -> list[LLResult]:
     """Scores targets seq[j] for j >= starts[i] (given seq[:j]) of every sequence."""
@@ -307,7 +405,7 @@ class Scorer:
         ids = schedule.scheduled_ref_ids(
             self.retrieval, [seqs[i] for i in rows], [min(n_prompts[i], len(seqs[i]) - 1)
                                                       for i in rows],
-            [len(seqs[i]) - 1 for i in rows], t // L, [filters[i] for i in rows])
+            [len(seqs[i]) - 1 for i in rows], -(-t // L), [filters[i] for i in rows])
         ids = np.concatenate([ids, np.full((B - len(rows),) + ids.shape[1:], -1, np.int64)])
         mem, mask = self.retrieval.lookup(ids)
         mem, mask = jnp.asarray(mem), jnp.asarray(mask)

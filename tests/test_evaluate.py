@@ -141,7 +141,21 @@ def _direct_logprob(cfg, params, seq, start, mem=None, mask=None):
 def test_loglikelihood_matches_a_direct_forward_without_memory(cfg, params):
   tok = WordTokenizer()
   scorer = ev.Scorer(cfg, params, tok, "none", batch_size=4)
-  reqs = [ev.LLRequest("10 11 12", "13 14", "q"), ev.LLRequest("20 " * 19, "21", "q")]
+  reqs = [ev.LLRequest("10 11 12", " 13 14", "q"), ev.LLRequest("20 " * 19, "21", "q")]
+  got = scorer.loglikelihood(reqs)
+  for r, g in zip(reqs, got):
+    ctx = [cfg.bos_id] + tok.encode(r.context)
+    seq = ctx + tok.encode(r.continuation)
+    assert g.n_tokens == len(tok.encode(r.continuation))
+    assert g.logprob == pytest.approx(_direct_logprob(cfg, params, seq, len(ctx)), abs=1e-4)
+
+
+def test_choices_sharing_a_context_score_as_separate_forwards(cfg, params):
+  # none / rag encode a context once and feed its choices with decode steps.
+  tok = WordTokenizer()
+  scorer = ev.Scorer(cfg, params, tok, "none", batch_size=2)
+  conts = (" 13", " 14 15 16", " 17 18", " 19 20 21 22 23")
+  reqs = [ev.LLRequest("10 11 12", c, "q") for c in conts] + [ev.LLRequest("30", " 31", "q")]
   got = scorer.loglikelihood(reqs)
   for r, g in zip(reqs, got):
     ctx = [cfg.bos_id] + tok.encode(r.context)
@@ -158,7 +172,7 @@ def test_explicit_scoring_retrieves_like_a_prompt_and_matches_a_direct_forward(
   retrieval = sched.MemoryRetrieval.for_model(cfg, retriever, source, tok.decode)
   scorer = ev.Scorer(cfg, params, tok, "explicit", retrieval=retrieval, batch_size=4)
   context = " ".join(str(100 + i) for i in range(19))  # <s> + 19 = 20 tokens: chunk 1 partial
-  cont = " ".join(str(200 + i) for i in range(20))
+  cont = " " + " ".join(str(200 + i) for i in range(20))
   (got,) = scorer.loglikelihood([ev.LLRequest(context, cont, "the question")])
 
   seq = [cfg.bos_id] + tok.encode(context) + tok.encode(cont)
@@ -181,7 +195,7 @@ def test_rag_scoring_prepends_references_retrieved_once_per_question(cfg, params
   retriever = RecordingRetriever(2)
   scorer = ev.Scorer(cfg, params, tok, "rag", retriever=retriever, references=store,
                      batch_size=4)
-  reqs = [ev.LLRequest("10 11", "12", "7 7"), ev.LLRequest("10 11", "13", "7 7")]
+  reqs = [ev.LLRequest("10 11", " 12", "7 7"), ev.LLRequest("10 11", " 13", "7 7")]
   got = scorer.loglikelihood(reqs)
   assert retriever.calls == [(["7 7"], ["7 7"])]
   ids = np.array([(zlib.crc32(b"7 7") + 3 * j) % N_REFS for j in range(2)])
@@ -275,3 +289,19 @@ def test_parse_tasks_flag():
     ev.parse_tasks(["boolq"])
   with pytest.raises(ValueError, match="kw_qa takes no file"):
     ev.parse_tasks(["kw_qa=x"])
+
+
+def test_continuations_are_tokenized_as_in_the_running_text(tmp_path):
+  # SentencePiece encodes " Corvale" alone as ["▁", "▁Corvale"]; after "Answer:" the text
+  # holds ["▁Corvale"]. Scoring must see the tokens training saw.
+  from data_pipeline import knowledge_world
+  from data_pipeline import tokenizer as tok_lib
+  world = knowledge_world.generate(dict(n_seen=20, n_memory_taught=20, n_unseen=10))
+  tok = tok_lib.train_tokenizer([d.text for d in world.train_documents + world.kb_documents],
+                                str(tmp_path / "m3"), vocab_size=512)
+  context, cont = "Question: Where was Alia Ashwick born?\nAnswer:", " Corvale Bay"
+  ctx, got = ev.split_continuation(tok, context, cont)
+  whole = tok.encode(context + cont)
+  assert ctx + got == whole and ctx == tok.encode(context)
+  assert tok.decode(got) == "Corvale Bay"
+  assert len(tok.encode(cont)) > len(got)  # the stand-alone encoding has an extra "▁"
