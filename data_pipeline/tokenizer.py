@@ -1,8 +1,8 @@
 """SentencePiece tokenizer: training, the `Tokenizer` wrapper and compatibility checks.
 
 Every m3jax tokenizer has the same fixed special ids (CONTRACT.md): pad=0, unk=1,
-bos=2, eos=3 and the user-defined piece "Reference:"=4, so the reference sink
-prefix `<s>Reference:` is ids (2, 4). Byte fallback makes every UTF-8 string
+bos=2, eos=3, the user-defined piece "Reference:"=4 (so the reference sink
+prefix `<s>Reference:` is ids (2, 4)) and the newline "\n"=5. Byte fallback makes every UTF-8 string
 encodable; normalization is the identity (no NFKC, whitespace kept), so decoding
 gives back exactly the text that was encoded.
 
@@ -28,6 +28,7 @@ from m3jax import atomic_io
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 REFERENCE_SYMBOL = "Reference:"
 REFERENCE_ID = 4
+NEWLINE_SYMBOL = "\n"  # its own piece (id 5): never merged into words or punctuation
 MODEL_TYPES = ("bpe", "unigram", "char", "word")
 # SentencePiece skips input sentences longer than this many bytes; we cut lines to fit.
 _MAX_SENTENCE_BYTES = 8192
@@ -41,16 +42,23 @@ class TokenizerMismatchError(ValueError):
 
 
 def _split_for_training(text: str) -> Iterator[str]:
-  """Yields the non-empty lines of `text`, each cut to fit SentencePiece's sentence limit."""
-  for line in text.split("\n"):
-    if not line.strip():
-      continue
-    while len(line.encode("utf-8")) > _MAX_SENTENCE_BYTES:
-      cut = line.rfind(" ", 0, _MAX_SENTENCE_BYTES // 4) + 1 or _MAX_SENTENCE_BYTES // 4
-      yield line[:cut]
-      line = line[cut:]
-    if line:
-      yield line
+  """Yields `text` in pieces that fit SentencePiece's sentence limit, newlines kept.
+
+  Whole documents (not lines) are the training sentences, so a word at the start of
+  a line is learnt as it is encoded later (after "\n", without the "▁" that
+  SentencePiece puts before a sentence's first word). Long documents are cut at
+  the last newline, else space, before the limit.
+  """
+  if not text.strip():
+    return
+  while len(text.encode("utf-8")) > _MAX_SENTENCE_BYTES:
+    window = text[:_MAX_SENTENCE_BYTES // 4]  # <= limit bytes whatever the characters
+    cut = window.rfind("\n") + 1 or window.rfind(" ") + 1 or len(window)
+    if text[:cut].strip():
+      yield text[:cut]
+    text = text[cut:]
+  if text.strip():
+    yield text
 
 
 def train_tokenizer(texts: Iterable[str], out: str, *, vocab_size: int,
@@ -59,8 +67,9 @@ def train_tokenizer(texts: Iterable[str], out: str, *, vocab_size: int,
   """Trains a SentencePiece model on `texts` (documents) and writes `out`.model/.json.
 
   Deterministic: the same texts, settings and seed give byte-identical files.
-  At most `max_sentences` lines are used, drawn by SentencePiece's reservoir
-  sampling (seeded) when the input has more. The files are written atomically.
+  At most `max_sentences` training sentences (documents, or pieces of long ones)
+  are used, drawn by SentencePiece's reservoir sampling (seeded) when the input has
+  more. The files are written atomically.
   """
   if model_type not in MODEL_TYPES:
     raise ValueError(f"tokenizer model_type {model_type!r}: must be one of {MODEL_TYPES}")
@@ -68,13 +77,13 @@ def train_tokenizer(texts: Iterable[str], out: str, *, vocab_size: int,
     raise ValueError(f"tokenizer vocab_size={vocab_size} is too small: byte fallback alone "
                      "needs 256 byte pieces + 5 special pieces + some text pieces")
   out = _strip_model_suffix(out)
-  counter: dict[str, Any] = {"lines": 0, "error": None}
+  counter: dict[str, Any] = {"sentences": 0, "error": None}
 
-  def lines() -> Iterator[str]:
+  def sentences() -> Iterator[str]:
     try:
       for text in texts:
         for line in _split_for_training(text):
-          counter["lines"] += 1
+          counter["sentences"] += 1
           yield line
     except Exception as e:  # SentencePiece would wrap it in a RuntimeError
       counter["error"] = e
@@ -84,10 +93,10 @@ def train_tokenizer(texts: Iterable[str], out: str, *, vocab_size: int,
   proto = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=lines(), model_writer=proto, vocab_size=vocab_size,
+        sentence_iterator=sentences(), model_writer=proto, vocab_size=vocab_size,
         model_type=model_type, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
         pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
-        user_defined_symbols=[REFERENCE_SYMBOL], byte_fallback=True,
+        user_defined_symbols=[REFERENCE_SYMBOL, NEWLINE_SYMBOL], byte_fallback=True,
         normalization_rule_name="identity", remove_extra_whitespaces=False,
         split_digits=True, character_coverage=0.9995, input_sentence_size=max_sentences,
         shuffle_input_sentence=True, max_sentence_length=_MAX_SENTENCE_BYTES,
@@ -95,16 +104,16 @@ def train_tokenizer(texts: Iterable[str], out: str, *, vocab_size: int,
   except RuntimeError as e:
     if counter["error"] is not None:
       raise counter["error"] from None
-    if counter["lines"] == 0:
+    if counter["sentences"] == 0:
       raise ValueError(f"tokenizer {out}.model: no training text (empty input)") from e
     hint = (" (too little text for this vocab_size: lower it or add text)"
             if "Vocabulary size too high" in str(e) else "")
     raise ValueError(f"training tokenizer {out}.model (vocab_size={vocab_size}, "
-                     f"{counter['lines']} lines){hint}: {e}") from e
+                     f"{counter['sentences']} training sentences){hint}: {e}") from e
   data = proto.getvalue()
   tok = Tokenizer(data, path=out + ".model")
   meta = tok.metadata()
-  meta.update(model_type=model_type, training_lines=counter["lines"],
+  meta.update(model_type=model_type, training_sentences=counter["sentences"],
               max_sentences=max_sentences, seed=seed, trained_on=description)
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   atomic_io.write_bytes(out + ".model", data)

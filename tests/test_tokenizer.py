@@ -145,3 +145,14 @@ def test_command_names_missing_input(tmp_path):
       timeout=120)
   assert res.returncode != 0
   assert "absent.txt" in res.stderr
+
+
+def test_line_starts_are_tokenized_like_the_training_text(trained):
+  # Trained on whole documents: "Answer" after a newline is a word the tokenizer knows,
+  # not byte-and-letter fragments, and the newline is its own piece.
+  tok, _ = trained
+  ids = tok.encode("Question: Where was Alia Ashwick born?\nAnswer: Corvale.")
+  pieces = [tok.id_to_piece(i) for i in ids]
+  assert "\n" in pieces and tok.id_to_piece(5) == "\n"
+  assert pieces[pieces.index("\n") + 1] == "Answer"
+  assert tok.decode(ids) == "Question: Where was Alia Ashwick born?\nAnswer: Corvale."
