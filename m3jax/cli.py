@@ -53,7 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   module = importlib.import_module(COMMANDS[name][0])
   from absl import app
-  app.run(module.main, argv=[f"m3jax {name}"] + argv[2:])
+  flags = argv[2:]
+  if not any(f.split("=")[0] in ("--verbosity", "-v") for f in flags):
+    # Libraries (tfds, orbax, jax) log every file they touch at INFO; our own progress
+    # lines are prints. --verbosity=0 brings the INFO logs back.
+    flags = ["--verbosity=-1"] + flags
+  app.run(module.main, argv=[f"m3jax {name}"] + flags)
   return 0
 
 
