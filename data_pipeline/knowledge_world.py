@@ -31,8 +31,13 @@ memory_taught and unseen people only from the knowledge base. Every question nam
 the person in full, so a retriever finds the right biography and a small model can
 copy the answer from it.
 
-QA text format (training and eval prompts alike): "Question: <q>\\nAnswer: <value>."
-An eval prompt is "Question: <q>\\nAnswer:" and the gold continuation " <value>".
+QA text format (training and eval alike): "Question: <q>\\nAnswer: <lead> <value>.",
+where the lead restates the question as the start of a sentence in the canonical
+biography's words ("Alia Ashwick was born in", `ANSWER_LEADS`). An eval prompt is
+"Question: <q>\\nAnswer: <lead>" and the gold continuation " <value>". Answering in a
+full sentence, as people do, turns reading the answer into copying: the lead's last
+words precede the value in the biography, so a model that attends from them to the
+matching words of a reference (in context or in memory) finds the value there.
 """
 
 from __future__ import annotations
@@ -149,8 +154,21 @@ QUESTION_TEMPLATES: dict[str, tuple[str, ...]] = {
                    "Which instrument is {name} known to play?"),
 }
 
+# The start of an answer sentence per attribute, in template 0's words.
+ANSWER_LEADS: dict[str, str] = {
+    "birth_date": "{name} was born on",
+    "birth_city": "{name} was born in",
+    "university": "{name} studied at",
+    "field": "{name} studied",
+    "employer": "{name} works for",
+    "employer_city": "{name} works for a company based in",
+    "hobby": "{name} enjoys",
+    "instrument": "{name} plays the",
+}
+
 DEFAULTS = dict(seed=0, n_seen=600, n_memory_taught=600, n_unseen=300, paraphrases_seen=4,
-                qa_per_entity=6, eval_questions_per_entity=2, n_distractors=9)
+                qa_per_entity=6, eval_questions_per_entity=2, n_distractors=9,
+                seen_qa_after_biography=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,8 +191,17 @@ class Question:
   distractors: tuple[str, ...]
 
   @property
+  def lead(self) -> str:
+    return ANSWER_LEADS[self.attribute].format(name=self.entity_name)
+
+  @property
   def prompt(self) -> str:
-    return qa_prompt(self.question)
+    return qa_prompt(self.question, self.lead)
+
+  @property
+  def text(self) -> str:
+    """The question and its answer as training text."""
+    return qa_text(self.question, self.lead, self.answer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,12 +227,12 @@ class World:
                 attributes=list(ATTRIBUTES))
 
 
-def qa_prompt(question: str) -> str:
-  return f"Question: {question}\nAnswer:"
+def qa_prompt(question: str, lead: str) -> str:
+  return f"Question: {question}\nAnswer: {lead}"
 
 
-def qa_text(question: str, answer: str) -> str:
-  return f"{qa_prompt(question)} {answer}."
+def qa_text(question: str, lead: str, answer: str) -> str:
+  return f"{qa_prompt(question, lead)} {answer}."
 
 
 def resolve_settings(cfg: Any) -> dict[str, int]:
@@ -306,9 +333,13 @@ def generate(cfg: Any = None) -> World:
                                int(rng.integers(len(QUESTION_TEMPLATES[attr])))))
     if e.group == "unseen":
       continue
+    opening = ""
     if e.group == "seen":
-      templates = 1 + rng.permutation(len(BIOGRAPHY_TEMPLATES) - 1)[:s["paraphrases_seen"]]
-      for t in sorted(templates.tolist()):
+      templates = sorted((1 + rng.permutation(len(BIOGRAPHY_TEMPLATES) - 1)
+                          )[:s["paraphrases_seen"]].tolist())
+      if s["seen_qa_after_biography"]:
+        opening = biography(e, templates.pop(0)) + "\n"
+      for t in templates:
         train_docs.append(Document(biography(e, t), f"knowledge_world/biography/e{e.id}/t{t}"))
     # Training QA: each kept attribute once (random phrasing), then further phrasings.
     pairs = []
@@ -322,7 +353,7 @@ def generate(cfg: Any = None) -> World:
         chosen.append((attr, ph))
     qs = [_question(rng, e, attr, values, 0, ph) for attr, ph in chosen]
     train_qs.extend(qs)
-    train_docs.append(Document("\n".join(qa_text(q.question, q.answer) for q in qs),
+    train_docs.append(Document(opening + "\n".join(q.text for q in qs),
                                f"knowledge_world/qa/e{e.id}"))
   perm = rng.permutation(len(train_docs))
   train_docs = [train_docs[i] for i in perm.tolist()]

@@ -108,7 +108,18 @@ def test_every_entity_has_eval_questions_and_trained_groups_have_qa(world, train
   assert len(world.eval_questions) == per * len(world.entities)
   for q in world.train_questions:
     assert q.group in ("seen", "memory_taught")
-    assert kw.qa_text(q.question, q.answer) in train_text
+    assert q.text in train_text
+
+
+def test_answers_are_sentences_whose_lead_precedes_the_value_in_the_biography(world):
+  # The lead's last word is the biography's word just before the value, so the answer
+  # can be found in the knowledge base like any repeated phrase.
+  ents = {e.id: e for e in world.entities}
+  for q in world.eval_questions + world.train_questions:
+    assert q.prompt == f"Question: {q.question}\nAnswer: {q.lead}"
+    assert q.text == f"{q.prompt} {q.answer}."
+    assert q.lead.startswith(q.entity_name)
+    assert f"{q.lead.split()[-1]} {q.answer}" in kw.biography(ents[q.entity_id], 0)
 
 
 def test_canonical_biographies_fit_one_reference(tmp_path):

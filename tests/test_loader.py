@@ -389,7 +389,7 @@ def test_eval_questions_round_trip_from_the_qa_dataset(prepared):
   qs = prepare.read_questions(prepared["root"], "eval")
   world = knowledge_world.generate(prepared["cfg"].data.knowledge_world)
   assert qs == list(world.eval_questions)
-  assert qs[0].prompt.startswith("Question: ") and qs[0].prompt.endswith("\nAnswer:")
+  assert qs[0].prompt.startswith("Question: ") and qs[0].prompt.endswith("\nAnswer: " + qs[0].lead)
 
 
 def test_packed_source_bulk_reads_for_mining(prepared):
