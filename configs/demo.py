@@ -14,6 +14,9 @@ Memory structure as in the paper: chunks of 64 tokens, 5 memories per chunk,
 * The world leans on memory_taught entities (1500 of 1800) with 12 QA lines
   each: they are what teaches reading memory; 2 biography paraphrases per seen
   entity keep the implicit-memory group small.
+* Optimiser: lr 1e-3 with Adam b2 = 0.99 and batches of 8 sequences. On this
+  model a repeated-block copy probe learns by ~150 steps at lr 1e-3 and stalls
+  at 3e-3, and at a fixed CPU budget smaller batches buy more steps.
 """
 
 import ml_collections
@@ -40,20 +43,21 @@ def get_config():
   m.memories_per_chunk = 5
   d = c.data
   d.vocab_size = 2048
-  d.batch_size = 16
+  d.batch_size = 8
   d.eval_fraction = 0.05
   d.knowledge_world = dict(seed=0, n_seen=100, n_memory_taught=1500, n_unseen=200,
                            paraphrases_seen=2, qa_per_entity=12, eval_questions_per_entity=2,
                            n_distractors=9)
   t = c.train
-  t.lr = 3e-3
+  t.lr = 1e-3
+  t.b2 = 0.99
   t.decay_fraction = 0.2
   t.log_every = 10
   t.eval_batches = 2
   # Stage-specific train.* fields and the eval / benchmark sizes (m3jax/demo.py).
   c.demo = ml_collections.ConfigDict(dict(
-      warmup=dict(steps=80, warmup_steps=15, eval_every=80, checkpoint_every=80),
-      continual=dict(steps=250, warmup_steps=10, lr=3e-3, eval_every=50, checkpoint_every=50),
+      warmup=dict(steps=300, warmup_steps=15, eval_every=100, checkpoint_every=100),
+      continual=dict(steps=400, warmup_steps=10, lr=1e-3, eval_every=100, checkpoint_every=100),
       eval_limit=300, eval_batch_size=32, eval_max_new_tokens=12, perplexity_limit=0,
       bench_batch=8, bench_prompt_len=128, bench_new_tokens=64, bench_runs=3))
   return c
