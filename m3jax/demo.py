@@ -52,7 +52,7 @@ DEFAULTS = dict(
     eval_limit=0,  # knowledge-world questions per task (equal share per group); 0 = all
     eval_batch_size=32,
     eval_max_new_tokens=12,
-    eval_tasks=("kw_mc", "kw_qa", "perplexity"),
+    eval_tasks=("kw_mc", "kw_qa", "perplexity", "kw_coverage"),
     perplexity_limit=0,  # held-out sequences; 0 = all
     bench_batch=8,
     bench_prompt_len=128,
@@ -224,7 +224,7 @@ def _eval_stage(cfg: ml_collections.ConfigDict, workdir: str, s: dict[str, Any]
   for task in s["eval_tasks"]:
     if task == "kw_mc":
       data[task] = mc
-    elif task == "kw_qa":
+    elif task in ("kw_qa", "kw_coverage"):
       data[task] = qa
     elif task == "perplexity":
       data[task] = ev.load_heldout_sequences(root, int(s["perplexity_limit"]) or None)
@@ -380,6 +380,8 @@ def build_summary(cfg: ml_collections.ConfigDict, workdir: str, runner: StageRun
       else:
         qa[task][mode] = {"all": v}
   perplexity = {m: _get(res, "perplexity", m, "perplexity") for m in MODES}
+  coverage = {k: v["all"] for k, v in (_get(res, "kw_coverage", "explicit") or {}).items()
+              if isinstance(v, dict)}
   tps = {m: _get(bench, "modes", m, "tokens_per_s") for m in MODES}
   bank = runner.records["encode"]["result"]
   curves = {}
@@ -424,7 +426,7 @@ def build_summary(cfg: ml_collections.ConfigDict, workdir: str, runner: StageRun
       stages={k: dict(status=r["status"], seconds=r["seconds"]) for k, r in
               runner.records.items()},
       qa_accuracy=qa, qa_items=ev.get("items_per_group"), qa_choices=n_choices,
-      perplexity=perplexity,
+      perplexity=perplexity, memory_coverage=coverage,
       training=dict(warmup=runner.records["warmup"]["result"]["last"],
                     continual=runner.records["continual"]["result"]["last"]),
       neighbors=runner.records["neighbors"]["result"],
@@ -480,6 +482,13 @@ def format_summary(sm: dict[str, Any]) -> str:
                f"{mem['costs_bytes_per_memory']:,} B; dense KV of a reference "
                f"{mem['dense_kv_bytes_per_reference']:,} B); bank {mem['references']:,} "
                f"memories, {mem['bank_bytes']:,} B")
+  cov = sm.get("memory_coverage") or {}
+  if cov:
+    layers = [k for k in cov if k.startswith("answer_kept_l")]
+    lines.append(f"answer in a retrieved reference: {_pct(cov['answer_retrieved']).strip()}; "
+                 "its first token kept in the memory: " + ", ".join(
+                     f"layer {k[len('answer_kept_l'):]} {_pct(cov[k]).strip()}" for k in layers)
+                 + f", any layer {_pct(cov['answer_kept_any']).strip()}")
   t = sm["targets"]
   lines += ["", "targets:"]
   lines.append(f"  unseen entities, explicit memory: {_pct(t['explicit_unseen_acc'])} "

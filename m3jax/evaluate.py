@@ -13,6 +13,9 @@ Tasks (`TASKS`):
   exact match after normalisation (`normalize_answer`), per entity group (seen,
   memory_taught, unseen) and overall.
 - kw_mc: the same questions as multiple choice (gold vs its distractors).
+- kw_coverage: for the same questions, how often a retrieved reference holds the
+  answer and its sparse memory kept the answer's first token, per memory layer
+  (m3jax.memory_coverage); explicit mode only, since it describes the memories.
 
 Memory modes (m3jax.generate.MEMORY_MODES): explicit (memories per the retrieval
 schedule: for scoring, the context's chunks retrieve their own memories with
@@ -46,7 +49,7 @@ from m3jax import retrieval_schedule as schedule
 from m3jax.config import ModelConfig
 from m3jax.model import Transformer
 
-TASKS = ("perplexity", "hellaswag", "arc", "boolq", "kw_qa", "kw_mc")
+TASKS = ("perplexity", "hellaswag", "arc", "boolq", "kw_qa", "kw_mc", "kw_coverage")
 JSONL_TASKS = ("hellaswag", "arc", "boolq")
 GROUPS = ("seen", "memory_taught", "unseen")
 
@@ -603,6 +606,12 @@ def _mode_objects(setup: EvalSetup, mode: str, retriever: Any):
 def run_task(setup: EvalSetup, task: str, data: Any, mode: str, *,
              retriever: Any = None) -> dict[str, Any]:
   """One task in one memory mode; returns its metrics plus retrieval counts."""
+  if task == "kw_coverage":
+    if mode != "explicit":
+      raise ValueError(f"kw_coverage describes explicit memories; mode {mode!r} has none")
+    from m3jax import memory_coverage
+    return memory_coverage.answer_coverage(data, setup.config, setup.params, setup.tokenizer,
+                                           retriever, setup.references)
   retrieval = _mode_objects(setup, mode, retriever)
   scorer = Scorer(setup.config, setup.params, setup.tokenizer, mode, retrieval=retrieval,
                   retriever=retriever, references=setup.references,
@@ -651,6 +660,8 @@ def run_all(setup: EvalSetup, tasks: dict[str, Any], modes: Sequence[str], *,
   for task, data in tasks.items():
     results[task] = {}
     for mode in modes:
+      if task == "kw_coverage" and mode != "explicit":
+        continue
       log(f"eval: {task} / {mode}")
       results[task][mode] = run_task(setup, task, data, mode, retriever=setup.retriever)
       if unfiltered and mode != "none" and setup.retriever is not None:
@@ -672,7 +683,9 @@ def format_table(results: dict[str, Any]) -> str:
     modes += [m for m in per_mode if m not in modes]
   rows = []
   for task, per_mode in results.items():
-    for metric in _HEADLINE[task]:
+    headline = _HEADLINE.get(task) or tuple(
+        k for r in per_mode.values() for k in r if k.startswith("answer_"))
+    for metric in dict.fromkeys(headline):
       keys = ["all"]
       for r in per_mode.values():
         v = r.get(metric)

@@ -33,8 +33,8 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Params dir, training work
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: data/, index, bank, and "
                                "where results go.")
 _TASK = flags.DEFINE_list("task", ["perplexity", "kw_qa", "kw_mc"],
-                          "Tasks: perplexity, kw_qa, kw_mc, hellaswag=FILE, arc=FILE, "
-                          "boolq=FILE.")
+                          "Tasks: perplexity, kw_qa, kw_mc, kw_coverage, hellaswag=FILE, "
+                          "arc=FILE, boolq=FILE.")
 _MODES = flags.DEFINE_list("modes", ["explicit", "none", "rag"], "Memory modes to run.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "prepare-data directory.")
 _INDEX = flags.DEFINE_string("index", None, "Index directory (default <data>/index).")
@@ -83,9 +83,9 @@ def main(argv: list[str]) -> None:
     for name, path in tasks.items():
       if name == "perplexity":
         data[name] = ev.load_heldout_sequences(inf.data_root, _LIMIT.value)
-      elif name in ("kw_qa", "kw_mc"):
+      elif name in ("kw_qa", "kw_mc", "kw_coverage"):
         qa, mc = ev.load_knowledge_qa(inf.data_root, _LIMIT.value)
-        data[name] = qa if name == "kw_qa" else mc
+        data[name] = mc if name == "kw_mc" else qa
       else:
         data[name] = ev.load_mc_jsonl(name, path, _LIMIT.value)
   except (ValueError, FileNotFoundError, KeyError) as e:
