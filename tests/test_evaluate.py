@@ -138,16 +138,19 @@ def _direct_logprob(cfg, params, seq, start, mem=None, mask=None):
   return float(sum(logp[k - 1, seq[k]] for k in range(start, len(seq))))
 
 
-def test_loglikelihood_matches_a_direct_forward_without_memory(cfg, params):
-  tok = WordTokenizer()
-  scorer = ev.Scorer(cfg, params, tok, "none", batch_size=4)
-  reqs = [ev.LLRequest("10 11 12", " 13 14", "q"), ev.LLRequest("20 " * 19, "21", "q")]
-  got = scorer.loglikelihood(reqs)
+def _check_against_direct_forwards(cfg, params, tok, reqs, got):
   for r, g in zip(reqs, got):
     ctx = [cfg.bos_id] + tok.encode(r.context)
     seq = ctx + tok.encode(r.continuation)
     assert g.n_tokens == len(tok.encode(r.continuation))
     assert g.logprob == pytest.approx(_direct_logprob(cfg, params, seq, len(ctx)), abs=1e-4)
+
+
+def test_loglikelihood_matches_a_direct_forward_without_memory(cfg, params):
+  tok = WordTokenizer()
+  scorer = ev.Scorer(cfg, params, tok, "none", batch_size=4)
+  reqs = [ev.LLRequest("10 11 12", " 13 14", "q"), ev.LLRequest("20 " * 19, "21", "q")]
+  _check_against_direct_forwards(cfg, params, tok, reqs, scorer.loglikelihood(reqs))
 
 
 def test_choices_sharing_a_context_score_as_separate_forwards(cfg, params):
@@ -156,12 +159,7 @@ def test_choices_sharing_a_context_score_as_separate_forwards(cfg, params):
   scorer = ev.Scorer(cfg, params, tok, "none", batch_size=2)
   conts = (" 13", " 14 15 16", " 17 18", " 19 20 21 22 23")
   reqs = [ev.LLRequest("10 11 12", c, "q") for c in conts] + [ev.LLRequest("30", " 31", "q")]
-  got = scorer.loglikelihood(reqs)
-  for r, g in zip(reqs, got):
-    ctx = [cfg.bos_id] + tok.encode(r.context)
-    seq = ctx + tok.encode(r.continuation)
-    assert g.n_tokens == len(tok.encode(r.continuation))
-    assert g.logprob == pytest.approx(_direct_logprob(cfg, params, seq, len(ctx)), abs=1e-4)
+  _check_against_direct_forwards(cfg, params, tok, reqs, scorer.loglikelihood(reqs))
 
 
 def test_explicit_scoring_retrieves_like_a_prompt_and_matches_a_direct_forward(
