@@ -56,8 +56,8 @@ def get_config():
   t.eval_batches = 2
   # Stage-specific train.* fields and the eval / benchmark sizes (m3jax/demo.py).
   c.demo = ml_collections.ConfigDict(dict(
-      warmup=dict(steps=300, warmup_steps=15, eval_every=100, checkpoint_every=100),
-      continual=dict(steps=400, warmup_steps=10, lr=1e-3, eval_every=100, checkpoint_every=100),
-      eval_limit=300, eval_batch_size=32, eval_max_new_tokens=12, perplexity_limit=0,
+      warmup=dict(steps=250, warmup_steps=15, eval_every=125, checkpoint_every=125),
+      continual=dict(steps=375, warmup_steps=10, lr=1e-3, eval_every=75, checkpoint_every=75),
+      eval_limit=300, eval_batch_size=32, eval_max_new_tokens=12, perplexity_limit=48,
       bench_batch=8, bench_prompt_len=128, bench_new_tokens=64, bench_runs=3))
   return c
