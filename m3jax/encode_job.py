@@ -129,19 +129,27 @@ def checkpoint_info(path: str | None, step: int | None, params: Any) -> dict[str
 # ------------------------------------------------------------------ quantizer training
 
 
-def sample_memories(encoder: ReferenceEncoder, references: Any, ids: np.ndarray
-                    ) -> np.ndarray:
-  """bfloat16-rounded memories [n, ...] (float32) of `ids`, encoded in padded batches."""
+def encode_ids(encoder: ReferenceEncoder, references: Any, ids: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:
+  """(memories [n, ...] float32 of bfloat16 values, kept positions [n, L_mem, H_mem, k])
+  of references `ids`, encoded in padded batches."""
   b = encoder.batch_size
-  out = []
+  mems, poss = [], []
   for lo in range(0, len(ids), b):
     chunk = np.full(b, -1, np.int64)
     part = ids[lo:lo + b]
     chunk[:len(part)] = part
     tokens, lengths = references.tokens_by_ids(chunk)
-    mem, _ = encoder(tokens, np.where(chunk >= 0, lengths, 0))
-    out.append(np.asarray(jax.device_get(mem), np.float32)[:len(part)])
-  return np.concatenate(out)
+    mem, pos = jax.device_get(encoder(tokens, np.where(chunk >= 0, lengths, 0)))
+    mems.append(np.asarray(mem, np.float32)[:len(part)])
+    poss.append(np.asarray(pos)[:len(part)])
+  return np.concatenate(mems), np.concatenate(poss)
+
+
+def sample_memories(encoder: ReferenceEncoder, references: Any, ids: np.ndarray
+                    ) -> np.ndarray:
+  """bfloat16-rounded memories [n, ...] (float32) of `ids`, encoded in padded batches."""
+  return encode_ids(encoder, references, ids)[0]
 
 
 def train_quantizer(encoder: ReferenceEncoder, references: Any,

@@ -47,6 +47,7 @@ from m3jax import generate as gen_lib
 from m3jax import rag as rag_lib
 from m3jax import retrieval_schedule as schedule
 from m3jax.config import ModelConfig
+from m3jax.memory_source import pow2_at_least
 from m3jax.model import Transformer
 
 TASKS = ("perplexity", "hellaswag", "arc", "boolq", "kw_qa", "kw_mc", "kw_coverage")
@@ -192,15 +193,8 @@ def _bucket_length(n: int, chunk_length: int) -> int:
   """Padded length for n tokens: a power of two (>= 16) up to one chunk, then whole
   chunks. Few distinct shapes (few compiles) without padding short items to a chunk."""
   if n <= chunk_length:
-    return min(_pow2(n, 16), chunk_length)
+    return min(pow2_at_least(n, 16), chunk_length)
   return -(-n // chunk_length) * chunk_length
-
-
-def _pow2(n: int, floor: int = 1) -> int:
-  t = floor
-  while t < n:
-    t *= 2
-  return t
 
 
 @functools.lru_cache(maxsize=None)
@@ -371,8 +365,8 @@ class Scorer:
     for lo in range(0, len(keys), B):
       batch = keys[lo:lo + B]
       tc = _bucket_length(max(len(c) for c in batch), cfg.chunk_length)
-      k = _pow2(max(len(groups[c]) for c in batch))
-      lc = _pow2(max(len(conts[i]) for c in batch for i in groups[c]))
+      k = pow2_at_least(max(len(groups[c]) for c in batch))
+      lc = pow2_at_least(max(len(conts[i]) for c in batch for i in groups[c]))
       ctx = np.full((B, tc), cfg.pad_id, np.int32)
       lengths = np.ones((B,), np.int32)
       ct = np.full((B, k, lc), cfg.pad_id, np.int32)

@@ -16,62 +16,34 @@ This measures both steps on questions with known answers (the knowledge world's
 - answer_kept_any / answer_kept_all: kept in at least one / in every memory layer.
 
 Each metric is a dict {"all": share, <group>: share, ...} like the other tasks'.
-Kept positions come from the model's own reference encoding, which is what the
-bank stores (the encode job is tested equal to it).
+Kept positions come from the encode job's own encoder (m3jax.encode_job), so they
+are what the bank stores.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Sequence
 
-import jax
 import numpy as np
 
+from m3jax import encode_job
+from m3jax import evaluate as ev
 from m3jax.config import ModelConfig
-from m3jax.model import Transformer
+
+REFS_PER_DEVICE = 16  # references per encoding step and data-parallel device
 
 
 def answer_tokens(tokenizer: Any, answer: str) -> list[int]:
   """The answer's tokens as they appear after a word and a space in running text."""
-  from m3jax.evaluate import split_continuation
-  return split_continuation(tokenizer, "a", " " + answer.strip())[1]
+  return ev.split_continuation(tokenizer, "a", " " + answer.strip())[1]
 
 
 def find_subsequence(haystack: Sequence[int], needle: Sequence[int]) -> int:
   """Index of the first occurrence of `needle` in `haystack`, -1 if absent."""
-  n = len(needle)
+  hay, needle, n = list(haystack), list(needle), len(needle)
   if n == 0:
     return -1
-  for i in range(len(haystack) - n + 1):
-    if list(haystack[i:i + n]) == list(needle):
-      return i
-  return -1
-
-
-@functools.lru_cache(maxsize=8)
-def _encoder(config: ModelConfig):
-  model = Transformer(config)
-
-  @jax.jit
-  def encode(params, tokens, lengths):
-    return model.apply({"params": params}, tokens, lengths,
-                       method=Transformer.encode_references)[1]
-  return encode
-
-
-def kept_positions(config: ModelConfig, params: Any, tokens: np.ndarray,
-                   lengths: np.ndarray, batch_size: int = 64) -> np.ndarray:
-  """Rotary positions [n, L_mem, H_mem, k] each reference's memory keeps (-1 = empty)."""
-  encode = _encoder(config)
-  out = []
-  for s in range(0, len(tokens), batch_size):
-    t, l = tokens[s:s + batch_size], lengths[s:s + batch_size]
-    pad = batch_size - len(t)  # one compiled shape
-    t = np.pad(t, ((0, pad), (0, 0)))
-    l = np.pad(l, (0, pad))
-    out.append(np.asarray(encode(params, t, l))[:batch_size - pad])
-  return np.concatenate(out) if out else np.zeros((0,), np.int32)
+  return next((i for i in range(len(hay) - n + 1) if hay[i:i + n] == needle), -1)
 
 
 def answer_coverage(items: Sequence[Any], config: ModelConfig, params: Any, tokenizer: Any,
@@ -86,7 +58,10 @@ def answer_coverage(items: Sequence[Any], config: ModelConfig, params: Any, toke
   unique = np.unique(got.ids[got.ids >= 0])
   tokens, lengths = references.tokens_by_ids(unique)
   tokens, lengths = np.asarray(tokens), np.asarray(lengths)
-  kept = kept_positions(config, params, tokens, lengths)
+  mesh = encode_job.encoder_mesh()
+  encoder = encode_job.ReferenceEncoder(config, params, REFS_PER_DEVICE * mesh.shape["data"],
+                                        mesh=mesh)
+  _, kept = encode_job.encode_ids(encoder, references, unique)
   row = {int(r): i for i, r in enumerate(unique.tolist())}
   p = config.prefix_length
   n_layers = config.n_memory_layers
@@ -104,13 +79,7 @@ def answer_coverage(items: Sequence[Any], config: ModelConfig, params: Any, toke
       retrieved[q] = True
       kept_by_layer[q] |= (kept[i] == p + at).any(axis=(1, 2))
   groups = [getattr(it, "group", "") for it in items]
-
-  def by_group(values: np.ndarray) -> dict[str, float]:
-    out = {"all": float(values.mean())}
-    for g in sorted(set(groups) - {""}):
-      out[g] = float(values[[x == g for x in groups]].mean())
-    return out
-
+  by_group = lambda values: ev._group_means(values.tolist(), groups)
   result: dict[str, Any] = dict(answer_retrieved=by_group(retrieved))
   for layer in range(n_layers):
     result[f"answer_kept_l{config.memory_layers[layer]}"] = by_group(kept_by_layer[:, layer])

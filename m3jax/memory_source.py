@@ -205,7 +205,7 @@ class ArrayReferenceStore:
 # ------------------------------------------------------------------ encode on the fly
 
 
-def _bucket(n: int, minimum: int) -> int:
+def pow2_at_least(n: int, minimum: int = 1) -> int:
   """Next power of two >= max(n, minimum): few distinct shapes, few recompilations."""
   b = max(1, minimum)
   while b < n:
@@ -248,7 +248,7 @@ class EncodeOnTheFly(MemorySource):
   def lookup(self, ref_ids: np.ndarray) -> tuple[jax.Array, jax.Array]:
     ids = check_ref_ids(ref_ids, len(self.references))
     unique, inverse = np.unique(ids, return_inverse=True)
-    n = _bucket(len(unique), self.min_batch)
+    n = pow2_at_least(len(unique), self.min_batch)
     padded = np.full(n, -1, np.int64)
     padded[:len(unique)] = unique
     tokens, lengths = self.references.tokens_by_ids(padded)
