@@ -167,8 +167,7 @@ ANSWER_LEADS: dict[str, str] = {
 }
 
 DEFAULTS = dict(seed=0, n_seen=600, n_memory_taught=600, n_unseen=300, paraphrases_seen=4,
-                qa_per_entity=6, eval_questions_per_entity=2, n_distractors=9,
-                seen_qa_after_biography=0)
+                qa_per_entity=6, eval_questions_per_entity=2, n_distractors=9)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,13 +332,9 @@ def generate(cfg: Any = None) -> World:
                                int(rng.integers(len(QUESTION_TEMPLATES[attr])))))
     if e.group == "unseen":
       continue
-    opening = ""
     if e.group == "seen":
-      templates = sorted((1 + rng.permutation(len(BIOGRAPHY_TEMPLATES) - 1)
-                          )[:s["paraphrases_seen"]].tolist())
-      if s["seen_qa_after_biography"]:
-        opening = biography(e, templates.pop(0)) + "\n"
-      for t in templates:
+      templates = 1 + rng.permutation(len(BIOGRAPHY_TEMPLATES) - 1)[:s["paraphrases_seen"]]
+      for t in sorted(templates.tolist()):
         train_docs.append(Document(biography(e, t), f"knowledge_world/biography/e{e.id}/t{t}"))
     # Training QA: each kept attribute once (random phrasing), then further phrasings.
     pairs = []
@@ -353,7 +348,7 @@ def generate(cfg: Any = None) -> World:
         chosen.append((attr, ph))
     qs = [_question(rng, e, attr, values, 0, ph) for attr, ph in chosen]
     train_qs.extend(qs)
-    train_docs.append(Document(opening + "\n".join(q.text for q in qs),
+    train_docs.append(Document("\n".join(q.text for q in qs),
                                f"knowledge_world/qa/e{e.id}"))
   perm = rng.permutation(len(train_docs))
   train_docs = [train_docs[i] for i in perm.tolist()]
