@@ -92,6 +92,7 @@ def get_config() -> ml_collections.ConfigDict:
   d.eval_seed = 0
   d.shard_docs = 20_000  # documents per output shard (bounds memory while writing)
   d.prepare_threads = 0  # tokenizer threads in prepare-data; 0 = all cores
+  d.pack_align_chunks = False  # start a chunk-sized document at a chunk boundary (packing.py)
   d.batch_size = 8  # global, sequences
   d.shuffle = True
   d.worker_count = 0

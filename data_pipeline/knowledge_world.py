@@ -16,11 +16,15 @@ and unique. People fall into three groups:
 Splits:
 
 * train documents: seen biographies (templates 1..5, `paraphrases_seen` of them)
-  and one QA document per seen / memory_taught person, shuffled;
-* knowledge base: one canonical biography (template 0) per person, all groups,
-  in entity-id order. Template 0 never appears in the training text, and every
-  canonical biography stays under ~60 words, so it fits in one 128-token reference
-  with a ~4k-vocabulary tokenizer;
+  and, per seen / memory_taught person, one QA document per trained attribute (its
+  phrasings, ~45 tokens: about one 64-token chunk, so a chunk's retrieved reference
+  can be the one sentence that answers it), shuffled;
+* knowledge base: per person, `KB_SENTENCES` filled in, each sentence naming the
+  person and stored as its own document, so one reference (~10-25 tokens): a
+  question retrieves its sentence by the name and the attribute's words, and the
+  8 tokens per head that a sparse memory keeps cover most of a sentence (a
+  ~53-token paragraph keeps the answer in under half of its memories). The
+  sentences, joined, are template 0, which never appears in the training text;
 * eval questions: for every person, `eval_questions_per_entity` held-out attributes
   with the gold value and `n_distractors` wrong values of the same attribute.
 
@@ -28,15 +32,15 @@ Held-out rule: a held-out (person, attribute) pair appears in NO training QA, in
 phrasing. The eval thus measures knowledge, never a memorised QA line: for seen
 people the answer is learnable from their biographies in the training text, for
 memory_taught and unseen people only from the knowledge base. Every question names
-the person in full, so a retriever finds the right biography and a small model can
-copy the answer from it.
+the person in full, so a retriever finds the person's sentences and a small model can
+copy the answer from them.
 
 QA text format (training and eval alike): "Question: <q>\\nAnswer: <lead> <value>.",
-where the lead restates the question as the start of a sentence in the canonical
-biography's words ("Alia Ashwick was born in", `ANSWER_LEADS`). An eval prompt is
+where the lead restates the question as the start of a sentence in the knowledge
+base's words ("Alia Ashwick was born in", `ANSWER_LEADS`). An eval prompt is
 "Question: <q>\\nAnswer: <lead>" and the gold continuation " <value>". Answering in a
 full sentence, as people do, turns reading the answer into copying: the lead's last
-words precede the value in the biography, so a model that attends from them to the
+words precede the value in the knowledge-base sentence, so a model that attends from them to the
 matching words of a reference (in context or in memory) finds the value there.
 """
 
@@ -112,11 +116,22 @@ MONTHS = ("January", "February", "March", "April", "May", "June", "July", "Augus
           "October", "November", "December")
 YEARS = tuple(range(1940, 2005))
 
-# Template 0 is the canonical knowledge-base biography and never appears in training text.
+# The knowledge base states a person's facts in these sentences, each naming the person and
+# stored as a document (hence one reference) of its own.
+KB_SENTENCES = (
+    "{name} was born on {birth_date} in {birth_city}.",
+    "{name} studied {field} at {university}.",
+    "{name} works for {employer}, a company based in {employer_city}.",
+    "{name} enjoys {hobby} and plays the {instrument}.",
+)
+# The knowledge-base sentence that states each attribute.
+KB_SENTENCE_OF = {a: next(i for i, t in enumerate(KB_SENTENCES) if "{" + a + "}" in t)
+                  for a in ATTRIBUTES}
+
+# Template 0, the knowledge-base sentences in one paragraph, is the canonical biography; it
+# never appears in training text.
 BIOGRAPHY_TEMPLATES = (
-    "{name} was born on {birth_date} in {birth_city}. {He} studied {field} at {university}. "
-    "{He} works for {employer}, a company based in {employer_city}. In {his} free time, {name} "
-    "enjoys {hobby} and plays the {instrument}.",
+    " ".join(KB_SENTENCES),
     "Born in {birth_city} on {birth_date}, {name} went on to study {field} at {university}. "
     "Today {he} is employed by {employer}, whose offices are in {employer_city}. {name} is a keen "
     "amateur of {hobby} and a capable {instrument} player.",
@@ -289,6 +304,11 @@ def _names(rng: np.random.Generator, n: int) -> list[str]:
   return [f"{firsts[i // len(lasts)]} {lasts[i % len(lasts)]}" for i in flat.tolist()]
 
 
+def kb_sentences(entity: Entity) -> list[str]:
+  """The person's knowledge-base documents: `KB_SENTENCES` filled in."""
+  return [t.format(name=entity.name, **entity.attributes) for t in KB_SENTENCES]
+
+
 def biography(entity: Entity, template: int) -> str:
   he, him, his = entity.pronouns
   return BIOGRAPHY_TEMPLATES[template].format(
@@ -348,11 +368,14 @@ def generate(cfg: Any = None) -> World:
         chosen.append((attr, ph))
     qs = [_question(rng, e, attr, values, 0, ph) for attr, ph in chosen]
     train_qs.extend(qs)
-    train_docs.append(Document("\n".join(q.text for q in qs),
-                               f"knowledge_world/qa/e{e.id}"))
+    for attr in kept:
+      lines = [q.text for q in qs if q.attribute == attr]
+      if lines:
+        train_docs.append(Document("\n".join(lines), f"knowledge_world/qa/e{e.id}/{attr}"))
   perm = rng.permutation(len(train_docs))
   train_docs = [train_docs[i] for i in perm.tolist()]
-  kb_docs = [Document(biography(e, 0), f"knowledge_world/kb/e{e.id}") for e in entities]
+  kb_docs = [Document(text, f"knowledge_world/kb/e{e.id}/s{j}")
+             for e in entities for j, text in enumerate(kb_sentences(e))]
   return World(settings=s, entities=tuple(entities), train_documents=tuple(train_docs),
                kb_documents=tuple(kb_docs), train_questions=tuple(train_qs),
                eval_questions=tuple(eval_qs))

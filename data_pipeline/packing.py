@@ -3,10 +3,17 @@
 Each document becomes `<s> tokens </s>`; documents are concatenated and cut into
 sequences of exactly `seq_len` tokens (documents continue across sequences; there
 is no attention mask between documents, as in GPT-style packing and the paper).
+
+With `align_chunks` (config `data.pack_align_chunks`), a document that fits in one
+chunk starts a chunk of its own (after padding the previous one). A chunk is the
+unit that retrieves a reference, so for a corpus of short documents (the knowledge
+world's QA lines) every chunk then holds one document and its reference can be
+about it; the price is the padding.
 Each record stores:
 
-* `tokens` int32 [T]: the sequence; only the last sequence of a shard is padded
-  (right, with pad_id, which no text ever produces);
+* `tokens` int32 [T]: the sequence; padded (with pad_id, which no text ever
+  produces) at the end of a shard's last sequence and, with `align_chunks`, before
+  documents moved to a chunk boundary;
 * `next_token` int32: the token after the sequence in the stream (pad_id at the end),
   so the target of the last position is known: targets = tokens[1:] + [next_token];
   the loss mask is `targets != pad_id`;
@@ -74,18 +81,29 @@ def heldout_limit(n_docs: int, seed: int, fraction: float, max_docs: int) -> int
 class Packer:
   """Streams documents in, full sequences out."""
 
-  def __init__(self, seq_len: int, chunk_length: int, pad_id: int):
+  def __init__(self, seq_len: int, chunk_length: int, pad_id: int, align_chunks: bool = False):
     if seq_len % chunk_length:
       raise ValueError(f"seq_len {seq_len} is not a multiple of chunk_length {chunk_length}")
     self.T, self.L, self.pad = seq_len, chunk_length, pad_id
+    self.align_chunks = align_chunks
     self._toks: list[np.ndarray] = []
     self._keys: list[np.ndarray] = []
     self._n = 0
+    self._pending = 0  # tokens added so far (their position in the stream)
     self.sequences = 0
     self.padding = 0
 
   def add(self, key: int, ids: np.ndarray) -> Iterator[dict[str, Any]]:
     ids = np.asarray(ids, np.int32)
+    used = self._pending % self.L
+    if self.align_chunks and used and len(ids) <= self.L:
+      gap = self.L - used
+      self.padding += gap
+      self._toks.append(np.full(gap, self.pad, np.int32))
+      self._keys.append(np.full(gap, -1, np.int64))
+      self._n += gap
+      self._pending += gap
+    self._pending += len(ids)
     self._toks.append(ids)
     self._keys.append(np.full(len(ids), key, np.int64))
     self._n += len(ids)
@@ -134,17 +152,18 @@ class PackShard:
   def __init__(self, source_spec: dict[str, Any], start: int, stop: int, *, tokenizer_path: str,
                seq_len: int, chunk_length: int, heldout: bool, eval_seed: int,
                eval_fraction: float, eval_limit: int, stats: dict[str, int], threads: int = -1,
-               progress=None):
+               progress=None, align_chunks: bool = False):
     self.source_spec, self.start, self.stop = source_spec, start, stop
     self.tokenizer_path, self.seq_len, self.chunk_length = tokenizer_path, seq_len, chunk_length
     self.heldout, self.eval_seed, self.eval_fraction = heldout, eval_seed, eval_fraction
     self.eval_limit, self.stats, self.threads = eval_limit, stats, threads
     self.progress = progress
+    self.align_chunks = align_chunks
 
   def __call__(self) -> Iterator[tuple[int, dict[str, Any]]]:
     source = references_lib.open_documents(self.source_spec)
     tok = Tokenizer.load(self.tokenizer_path)
-    packer = Packer(self.seq_len, self.chunk_length, tok.pad_id)
+    packer = Packer(self.seq_len, self.chunk_length, tok.pad_id, self.align_chunks)
     st = self.stats
     k = 0
     for lo in range(self.start, self.stop, 1024):
@@ -173,7 +192,7 @@ class PackShard:
 
 def write_packed(data_dir: str, source_spec: dict[str, Any], tokenizer: Tokenizer, *,
                  seq_len: int, chunk_length: int, eval_fraction: float, eval_max_docs: int,
-                 eval_seed: int, shard_docs: int = 20000,
+                 eval_seed: int, shard_docs: int = 20000, align_chunks: bool = False,
                  threads: int = -1, progress=None) -> tuple[str, dict[str, Any]]:
   """Packs the documents of `source_spec` into train/validation sequences."""
   n_docs = len(references_lib.open_documents(source_spec))
@@ -182,7 +201,7 @@ def write_packed(data_dir: str, source_spec: dict[str, Any], tokenizer: Tokenize
            for s in ("train", "validation")}
   common = dict(tokenizer_path=tokenizer.path, seq_len=seq_len, chunk_length=chunk_length,
                 eval_seed=eval_seed, eval_fraction=eval_fraction, eval_limit=limit,
-                threads=threads)
+                threads=threads, align_chunks=align_chunks)
   # Progress counts the training pass only (the validation pass reads few documents).
   shards = {"train": [PackShard(source_spec, lo, min(lo + shard_docs, n_docs), heldout=False,
                                 stats=stats["train"], progress=progress, **common)

@@ -415,7 +415,7 @@ def _prepare(cfg: Any, mc: Any, root: str) -> dict[str, Any]:
                          chunk_length=mc.chunk_length, documents=docs["settings_hash"],
                          source=sources["train"], eval_fraction=d.eval_fraction,
                          eval_max_docs=d.eval_max_docs, eval_seed=d.eval_seed,
-                         shard_docs=d.shard_docs)
+                         shard_docs=d.shard_docs, align_chunks=bool(d.pack_align_chunks))
 
   def build_packed(tmp: str) -> dict[str, Any]:
     n = len(references_lib.open_documents(train_spec))
@@ -423,7 +423,8 @@ def _prepare(cfg: Any, mc: Any, root: str) -> dict[str, Any]:
     path, stats = packing.write_packed(
         tmp, train_spec, tok, seq_len=mc.max_seq_len, chunk_length=mc.chunk_length,
         eval_fraction=d.eval_fraction, eval_max_docs=d.eval_max_docs, eval_seed=d.eval_seed,
-        shard_docs=d.shard_docs, threads=threads, progress=prog)
+        shard_docs=d.shard_docs, align_chunks=bool(d.pack_align_chunks), threads=threads,
+        progress=prog)
     prog.close()
     return dict(path=os.path.relpath(path, tmp), splits=stats)
 

@@ -552,17 +552,25 @@ def load_knowledge_qa(data_root: str, limit: int | None = None,
 
 
 def load_heldout_sequences(data_root: str, limit: int | None = None) -> list[np.ndarray]:
-  """Held-out packed sequences (tokens + next_token) from prepare-data's validation split."""
+  """Held-out packed sequences (tokens + next_token) from prepare-data's validation split.
+
+  Padding is dropped: it is never text, and packing with `data.pack_align_chunks`
+  puts it inside sequences, where scoring it would count tokens no model predicts.
+  """
   from data_pipeline import prepare as prepare_lib
   from data_pipeline import tfds_builders
+  pad_id = prepare_lib.open_tokenizer(data_root).pad_id
   path = prepare_lib.dataset_path(data_root, "packed")
   source = tfds_builders.open_split(path, "validation")
   n = len(source) if not limit else min(limit, len(source))
   out = []
   for i in range(n):
     r = source[i]
-    out.append(np.concatenate([np.asarray(r["tokens"], np.int64),
-                               np.asarray([r["next_token"]], np.int64)]))
+    seq = np.concatenate([np.asarray(r["tokens"], np.int64),
+                          np.asarray([r["next_token"]], np.int64)])
+    seq = seq[seq != pad_id]
+    if len(seq) > 1:
+      out.append(seq)
   return out
 
 

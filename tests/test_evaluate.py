@@ -303,3 +303,15 @@ def test_continuations_are_tokenized_as_in_the_running_text(tmp_path):
   assert ctx + got == whole and ctx == tok.encode(context)
   assert tok.decode(got) == "Corvale Bay"
   assert len(tok.encode(cont)) > len(got)  # the stand-alone encoding has an extra "▁"
+
+
+def test_heldout_sequences_drop_padding(tiny_prepared):
+  cfg, workdir = tiny_prepared
+  from data_pipeline import prepare
+  root = prepare.data_root(cfg, str(workdir))
+  pad = prepare.open_tokenizer(root).pad_id
+  seqs = ev.load_heldout_sequences(root)
+  assert seqs and all(pad not in s.tolist() for s in seqs)
+  # The split's last sequence is padded at the end: its text is kept, the padding is not.
+  assert len(seqs[-1]) <= cfg.model.max_seq_len + 1
+  assert sum(len(s) for s in seqs) < len(seqs) * (cfg.model.max_seq_len + 1)

@@ -53,10 +53,18 @@ def test_memory_taught_biographies_absent_but_qa_present(world, train_text):
   for e in _by_group(world, "memory_taught"):
     for t in range(len(kw.BIOGRAPHY_TEMPLATES)):
       assert kw.biography(e, t) not in train_text
-    assert kb[f"knowledge_world/kb/e{e.id}"] not in train_text
+    for j in range(len(kw.KB_SENTENCES)):
+      assert kb[f"knowledge_world/kb/e{e.id}/s{j}"] not in train_text
     docs = [d for d in world.train_documents if _mentions(d.text, e.name)]
-    assert [d.source for d in docs] == [f"knowledge_world/qa/e{e.id}"]
-    assert docs[0].text.startswith("Question: ")
+    assert docs and all(d.source.startswith(f"knowledge_world/qa/e{e.id}/") for d in docs)
+    assert all(d.text.startswith("Question: ") for d in docs)
+    # One document per trained attribute, holding only that attribute's questions.
+    by_attr = {d.source.rsplit("/", 1)[1]: d.text for d in docs}
+    trained = {q.attribute for q in world.train_questions if q.entity_id == e.id}
+    assert set(by_attr) == trained
+    for q in world.train_questions:
+      if q.entity_id == e.id:
+        assert q.text in by_attr[q.attribute]
 
 
 def test_seen_entities_have_paraphrases_but_not_the_canonical_biography(world, train_text):
@@ -67,11 +75,17 @@ def test_seen_entities_have_paraphrases_but_not_the_canonical_biography(world, t
     assert kw.biography(e, 0) not in train_text
 
 
-def test_knowledge_base_has_one_canonical_biography_per_entity(world):
+def test_knowledge_base_states_each_entity_in_named_sentences(world):
+  n = len(kw.KB_SENTENCES)
   assert [d.source for d in world.kb_documents] == [
-      f"knowledge_world/kb/e{e.id}" for e in world.entities]
-  for e, d in zip(world.entities, world.kb_documents):
-    assert d.text == kw.biography(e, 0)
+      f"knowledge_world/kb/e{e.id}/s{j}" for e in world.entities for j in range(n)]
+  for e in world.entities:
+    sentences = [d.text for d in world.kb_documents[n * e.id:n * (e.id + 1)]]
+    assert sentences == kw.kb_sentences(e)
+    assert " ".join(sentences) == kw.biography(e, 0)
+    assert all(t.startswith(e.name + " ") for t in sentences)
+    for attr, j in kw.KB_SENTENCE_OF.items():
+      assert e.attributes[attr] in sentences[j]
 
 
 def test_eval_gold_values_are_in_the_biography(world):
@@ -122,13 +136,12 @@ def test_answers_are_sentences_whose_lead_precedes_the_value_in_the_biography(wo
     assert f"{q.lead.split()[-1]} {q.answer}" in kw.biography(ents[q.entity_id], 0)
 
 
-def test_canonical_biographies_fit_one_reference(tmp_path):
-  world = kw.generate()  # the demo-sized default world
-  assert max(len(d.text.split()) for d in world.kb_documents) <= 90
+def test_knowledge_base_sentences_fit_one_demo_reference(tmp_path):
+  world = kw.generate()  # the default world
   tok = tok_lib.train_tokenizer(
       [d.text for d in world.train_documents + world.kb_documents], str(tmp_path / "t"),
-      vocab_size=4096)
-  assert max(len(tok.encode(d.text)) for d in world.kb_documents) <= 128
+      vocab_size=2048)
+  assert max(len(tok.encode(d.text)) for d in world.kb_documents) <= 32  # demo reference_length
 
 
 @pytest.mark.parametrize("field,value", [("paraphrases_seen", 9),

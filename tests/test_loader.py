@@ -56,6 +56,21 @@ def test_packer_sets_next_token_and_pads_only_the_end():
   assert last["chunk_doc_keys"].tolist() == [5, -1] and short.padding == 5
 
 
+def test_packer_aligns_chunk_sized_documents_to_chunk_boundaries():
+  p = packing.Packer(seq_len=8, chunk_length=4, pad_id=0, align_chunks=True)
+  docs = [(1, [11, 12, 13]), (2, [21, 22]), (3, [31, 32, 33, 34, 35, 36]), (4, [41]), (5, [51])]
+  recs = [r for key, ids in docs for r in p.add(key, np.array(ids))] + list(p.finish())
+  # Docs 2, 4 and 5 fit a chunk: each starts one, after padding; doc 3 is longer than a
+  # chunk and follows doc 2 as usual.
+  assert [r["tokens"].tolist() for r in recs] == [
+      [11, 12, 13, 0, 21, 22, 31, 32], [33, 34, 35, 36, 41, 0, 0, 0], [51, 0, 0, 0, 0, 0, 0, 0]]
+  assert [r["chunk_doc_keys"].tolist() for r in recs] == [[1, 2], [3, 4], [5, -1]]
+  assert p.padding == 1 + 3 + 7
+  plain = packing.Packer(8, 4, 0)
+  out = [r for key, ids in docs for r in plain.add(key, np.array(ids))] + list(plain.finish())
+  assert out[0]["tokens"].tolist() == [11, 12, 13, 21, 22, 31, 32, 33]
+
+
 def test_chunk_majority_picks_most_covering_document():
   keys = np.array([1, 1, 2, 2, 2, 3, -1, -1, -1, -1, -1, -1, 4, 4, 5, 5])
   assert packing.chunk_majority(keys, 4).tolist() == [1, 2, -1, 4]
@@ -159,8 +174,10 @@ def test_files_corpus_with_separate_knowledge_base(repo_root, tmp_path):
   cfg = _cfg(repo_root, "data.corpus=files", f"data.files=['{train}']",
              f"data.kb_files=['{kb}']", "data.kb_text_field=body")
   m = prepare.prepare_data(cfg, str(tmp_path / "w"))
-  assert m["datasets"]["documents"]["splits"] == {"train": 75, "kb": 20}
-  assert m["datasets"]["references"]["num_documents"] == 20
+  n_train, n_kb = len(world.train_documents), len(world.kb_documents)
+  assert (n_train, n_kb) == (15 * (4 + 6), 20 * 4)  # defaults: 4 paraphrases, 6 QA attributes
+  assert m["datasets"]["documents"]["splits"] == {"train": n_train, "kb": n_kb}
+  assert m["datasets"]["references"]["num_documents"] == n_kb
   assert m["corpus"]["train"]["files"] == [[str(train), train.stat().st_size]]
 
 
