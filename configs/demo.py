@@ -38,7 +38,7 @@ def get_config():
   m.n_kv_heads = 4
   m.head_dim = 32
   m.mlp_dim = 384
-  m.max_seq_len = 128
+  m.max_seq_len = 64
   m.memory_layers = None  # first half: 0, 1
   m.memory_tokens_per_head = 8
   m.reference_length = 32
@@ -46,7 +46,7 @@ def get_config():
   m.memories_per_chunk = 5
   d = c.data
   d.vocab_size = 2048
-  d.batch_size = 16
+  d.batch_size = 32
   d.pack_align_chunks = True
   d.eval_fraction = 0.05
   d.knowledge_world = dict(seed=0, n_seen=100, n_memory_taught=3000, n_unseen=200,
