@@ -88,22 +88,19 @@ class Packer:
     self.align_chunks = align_chunks
     self._toks: list[np.ndarray] = []
     self._keys: list[np.ndarray] = []
-    self._n = 0
-    self._pending = 0  # tokens added so far (their position in the stream)
+    self._n = 0  # buffered tokens; the buffer starts at a sequence (hence chunk) boundary
     self.sequences = 0
     self.padding = 0
 
   def add(self, key: int, ids: np.ndarray) -> Iterator[dict[str, Any]]:
     ids = np.asarray(ids, np.int32)
-    used = self._pending % self.L
+    used = self._n % self.L
     if self.align_chunks and used and len(ids) <= self.L:
       gap = self.L - used
       self.padding += gap
       self._toks.append(np.full(gap, self.pad, np.int32))
       self._keys.append(np.full(gap, -1, np.int64))
       self._n += gap
-      self._pending += gap
-    self._pending += len(ids)
     self._toks.append(ids)
     self._keys.append(np.full(len(ids), key, np.int64))
     self._n += len(ids)
