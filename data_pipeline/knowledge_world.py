@@ -17,8 +17,9 @@ Splits:
 
 * train documents: seen biographies (templates 1..5, `paraphrases_seen` of them)
   and, per seen / memory_taught person, one QA document per trained attribute (its
-  phrasings, ~45 tokens: about one 64-token chunk, so a chunk's retrieved reference
-  can be the one sentence that answers it), shuffled;
+  phrasings; one phrasing is ~22 tokens, so with `qa_per_entity` <= the number of
+  trained attributes a document fits one 32-token chunk and the chunk's retrieved
+  reference can be the one sentence that answers it), shuffled;
 * knowledge base: per person, `KB_SENTENCES` filled in, each sentence naming the
   person and stored as its own document, so one reference (~10-25 tokens): a
   question retrieves its sentence by the name and the attribute's words, and the
