@@ -557,18 +557,15 @@ def load_heldout_sequences(data_root: str, limit: int | None = None) -> list[np.
   Padding is dropped: it is never text, and packing with `data.pack_align_chunks`
   puts it inside sequences, where scoring it would count tokens no model predicts.
   """
+  from data_pipeline import loader as loader_lib
   from data_pipeline import prepare as prepare_lib
-  from data_pipeline import tfds_builders
-  pad_id = prepare_lib.open_tokenizer(data_root).pad_id
-  path = prepare_lib.dataset_path(data_root, "packed")
-  source = tfds_builders.open_split(path, "validation")
+  source = loader_lib.PackedSource(prepare_lib.dataset_path(data_root, "packed"), "validation")
   n = len(source) if not limit else min(limit, len(source))
   out = []
   for i in range(n):
     r = source[i]
-    seq = np.concatenate([np.asarray(r["tokens"], np.int64),
-                          np.asarray([r["next_token"]], np.int64)])
-    seq = seq[seq != pad_id]
+    seq = np.concatenate([r["tokens"], [r["next_token"]]]).astype(np.int64)
+    seq = seq[seq != source.pad_id]
     if len(seq) > 1:
       out.append(seq)
   return out
