@@ -1,4 +1,4 @@
-"""CPU quickstart on the embedded knowledge world (`make demo`, m3jax/demo.py).
+"""CPU quickstart on the embedded knowledge world (`make demo`, m3jax/demo/pipeline.py).
 
 Sized so that the whole pipeline (prepare-data, warmup, index + neighbors,
 continual, encode-memory, eval, bench decode) fits ~15 minutes on 2 CPU cores.
@@ -63,7 +63,7 @@ def get_config():
   t.decay_fraction = 0.2
   t.log_every = 10
   t.eval_batches = 2
-  # Stage-specific train.* fields and the eval / benchmark sizes (m3jax/demo.py).
+  # Stage-specific train.* fields and the eval / benchmark sizes (m3jax/demo/pipeline.py).
   c.demo = ml_collections.ConfigDict(dict(
       warmup=dict(steps=40, warmup_steps=10, eval_every=20, checkpoint_every=20),
       continual=dict(steps=1000, warmup_steps=10, lr=2e-3, eval_every=250,

@@ -41,6 +41,7 @@ import grain.python as grain
 import numpy as np
 
 from data_pipeline import tfds_builders
+from data_pipeline import prepare
 
 STATE_VERSION = 2
 
@@ -113,7 +114,7 @@ class AddReferences(grain.MapTransform):
   """Continual-stage enrichment: the neighbor ref ids and their tokens per chunk.
 
   `neighbors[seq_index]` must give int32 [C] ref ids (-1 = none), e.g. the neighbor
-  table of `data_pipeline.neighbors`; `references` is a ReferenceStore (anything
+  table of `m3jax.retrieval.neighbors`; `references` is a ReferenceStore (anything
   with `tokens_by_ids`).
   """
 
@@ -335,7 +336,6 @@ class Loader:
 
 def packed_source(root: str, split: str = "train") -> PackedSource:
   """The packed split of a prepared data directory (`<workdir>/data`)."""
-  from data_pipeline import prepare
   return PackedSource(prepare.dataset_path(root, "packed"), split)
 
 

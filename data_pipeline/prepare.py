@@ -38,7 +38,10 @@ from data_pipeline import packing
 from data_pipeline import references as references_lib
 from data_pipeline import tfds_builders
 from data_pipeline import tokenizer as tok_lib
-from m3jax import atomic_io
+from m3jax.core import artifacts as atomic_io
+from m3jax.core import config as config_lib
+from m3jax.core.config import ConfigError
+from m3jax.core.progress import Progress
 
 MANIFEST = "manifest.json"
 FORMAT = "m3jax-data/1"
@@ -51,7 +54,6 @@ class StageMismatchError(ValueError):
 
 
 def _config_error(field: str, msg: str) -> Exception:
-  from m3jax.config import ConfigError
   return ConfigError(f"config field `{field}`: {msg}")
 
 
@@ -369,7 +371,6 @@ def prepare_data(cfg: Any, workdir: str) -> dict[str, Any]:
 
   Run it once per data directory (one process); a second concurrent run is refused.
   """
-  from m3jax import config as config_lib
   validate_data_config(cfg)
   mc = config_lib.model_config(cfg)
   root = data_root(cfg, workdir)
@@ -379,7 +380,6 @@ def prepare_data(cfg: Any, workdir: str) -> dict[str, Any]:
 
 
 def _prepare(cfg: Any, mc: Any, root: str) -> dict[str, Any]:
-  from m3jax.progress import Progress
   t0 = time.time()
   _clean_tmp(root)
   d = cfg.data

@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from m3jax import atomic_io
+from m3jax.core import artifacts as atomic_io
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 REFERENCE_SYMBOL = "Reference:"

@@ -4,7 +4,7 @@
         m3jax train --config=configs/tiny.py --workdir=/tmp/run
 
 Each process gets M3JAX_COORDINATOR=127.0.0.1:<free port>, M3JAX_NUM_PROCESSES,
-M3JAX_PROCESS_ID (read by `m3jax.distributed.initialize`) and, with the default
+M3JAX_PROCESS_ID (read by `m3jax.core.distributed.initialize`) and, with the default
 `--platform=cpu`, JAX_PLATFORMS=cpu and XLA_FLAGS faking `--devices_per_process` CPU
 devices. Output lines are prefixed with `[p<i>]`. When a process fails, the others are
 stopped (SIGTERM, then SIGKILL after `--grace_s`); SIGINT/SIGTERM to the launcher is

@@ -25,7 +25,7 @@ def repo_root() -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def tiny_config():
-  from m3jax.config import load_config
+  from m3jax.core.config import load_config
   return load_config(str(REPO / "configs" / "tiny.py"))
 
 
@@ -40,7 +40,7 @@ def tiny_prepared(tmp_path_factory):
   Tests copy what they write into their own directories; this one is read-only.
   """
   from data_pipeline import prepare
-  from m3jax.config import load_config
+  from m3jax.core.config import load_config
   cfg = load_config(str(REPO / "configs" / "tiny.py"), list(TINY_WORLD))
   workdir = tmp_path_factory.mktemp("tiny_prepared")
   prepare.prepare_data(cfg, str(workdir))

@@ -4,7 +4,7 @@
       [--new_tokens=128] [--runs=9] [--modes=none,explicit,rag] [--bank_dir=DIR]
       [--json=FILE]
 
-The paper's protocol (m3jax.bench_decode): random parameters of the configured
+The paper's protocol (m3jax.bench.decode): random parameters of the configured
 size, 3 retrievals per explicit-memory run from a memory bank on disk with its RAM
 cache off and never-repeated reference ids, the first run discarded and the rest
 averaged. --bank_dir keeps the encoded bench bank between invocations (it is
@@ -22,7 +22,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from m3jax import commands
-from m3jax import config as config_lib
+from m3jax.core import config as config_lib
+from m3jax.bench import decode as bench_decode
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _BATCH = flags.DEFINE_integer("batch", 32, "Sequences per run.")
@@ -37,7 +38,6 @@ _JSON = flags.DEFINE_string("json", None, "Also write the figures to this JSON f
 
 def main(argv: list[str]) -> None:
   commands.check_args(argv, _CONFIG)
-  from m3jax import bench_decode
   try:
     cfg = config_lib.validate(_CONFIG.value)
     result = bench_decode.run(cfg, batch=_BATCH.value, prompt_len=_PROMPT_LEN.value,

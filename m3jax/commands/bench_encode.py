@@ -1,4 +1,4 @@
-"""`m3jax bench encode`: reference-encoding vs full-forward throughput (m3jax.bench_encode).
+"""`m3jax bench encode`: reference-encoding vs full-forward throughput (m3jax.bench.encode).
 
   m3jax bench encode --config=configs/demo.py [--batch_size=16] [--repeats=5] [--json=FILE]
       [--quantization_sample=2048]
@@ -16,7 +16,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from m3jax import commands
-from m3jax import config as config_lib
+from m3jax.core import config as config_lib
+from m3jax.bench import encode as bench_encode
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "References per encode step (and sequences "
@@ -32,7 +33,6 @@ _JSON = flags.DEFINE_string("json", None, "Also write the figures to this JSON f
 
 def main(argv: list[str]) -> None:
   commands.check_args(argv, _CONFIG)
-  from m3jax import bench_encode
   cfg = config_lib.validate(_CONFIG.value)
   try:
     result = bench_encode.run(cfg, batch_size=_BATCH.value, repeats=_REPEATS.value,

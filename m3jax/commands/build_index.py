@@ -4,7 +4,7 @@
 
 Reads the references and tokenizer of `<workdir>/data` (`m3jax prepare-data`),
 fits the embedder that `data.embedder` names on the reference texts, and writes
-`<workdir>/data/index/` (see `m3jax.index`): the searcher, the ref_id map, the
+`<workdir>/data/index/` (see `m3jax.retrieval.index`): the searcher, the ref_id map, the
 embedder state and a manifest. `data.embedder=model` needs `--params` (a params
 directory of the trained model). Re-running with the same inputs reuses the index;
 other inputs are refused unless `--overwrite`.
@@ -20,7 +20,9 @@ from absl import flags
 from ml_collections import config_flags
 
 from m3jax import commands
-from m3jax import config as config_lib
+from m3jax.core import config as config_lib
+from m3jax.retrieval import embedder as emb_lib
+from m3jax.retrieval import index as index_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -35,8 +37,6 @@ _BRUTE_FORCE_BELOW = flags.DEFINE_integer(
 
 def main(argv: list[str]) -> None:
   commands.check_args(argv, _CONFIG, _WORKDIR)
-  from m3jax import embedder as emb_lib
-  from m3jax import index as index_lib
   cfg = config_lib.validate(_CONFIG.value)
   try:
     index = index_lib.build_reference_index(

@@ -5,7 +5,7 @@
   m3jax convert --to_hf --checkpoint=PARAMS_DIR --out=HF_DIR
 
 Import reads config.json + model.safetensors (or a sharded index) and writes an
-m3jax params directory (config.json + Orbax params/, see m3jax.params_io). Export
+m3jax params directory (config.json + Orbax params/, see m3jax.model.params_io). Export
 writes config.json + model.safetensors loadable by transformers' LlamaForCausalLM.
 Existing outputs are never overwritten.
 """
@@ -19,9 +19,9 @@ from absl import flags
 from absl import logging
 
 from m3jax import commands
-from m3jax import config as config_lib
-from m3jax import convert
-from m3jax import params_io
+from m3jax.core import config as config_lib
+from m3jax.model import hf_convert as convert
+from m3jax.model import params_io
 
 _FROM_HF = flags.DEFINE_string("from_hf", None, "Hugging Face Llama checkpoint dir to import.")
 _TO_HF = flags.DEFINE_bool("to_hf", False, "Export --checkpoint to a Hugging Face Llama dir.")

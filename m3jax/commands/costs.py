@@ -2,7 +2,7 @@
 
   m3jax costs --config=configs/memory3_2p4b.py [--references=1.12e8] [--uses=1,10,100]
 
-Prints the report of `m3jax.costs.format_report` (memory3-paper.md §2.5 and §5).
+Prints the report of `m3jax.model.costs.format_report` (memory3-paper.md §2.5 and §5).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from m3jax import commands
-from m3jax import config as config_lib
-from m3jax import costs
+from m3jax.core import config as config_lib
+from m3jax.model import costs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)

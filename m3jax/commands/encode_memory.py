@@ -22,8 +22,11 @@ from absl import flags
 from ml_collections import config_flags
 
 from m3jax import commands
-from m3jax import config as config_lib
-from m3jax import distributed
+from m3jax.core import config as config_lib
+from m3jax.core import distributed
+from m3jax.memory import bank as bank_lib
+from m3jax.memory import encode_job
+from m3jax.memory import quantize as quant_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model: params dir, workdir or step dir.")
@@ -54,9 +57,6 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("--process_index and --process_count go together")
   if _PROCESS_COUNT.value is None:
     distributed.initialize_from_flags()
-  from m3jax import bank as bank_lib
-  from m3jax import encode_job
-  from m3jax import quantize as quant_lib
   try:
     cfg = config_lib.validate(_CONFIG.value)
     result = encode_job.run(

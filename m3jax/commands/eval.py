@@ -5,7 +5,7 @@
       [--modes=explicit,none,rag] [--limit=200] [--bank=DIR] [--index=DIR] \\
       [--overlap_threshold=0.667 | --noleakage_filter] [--unfiltered] [--output=FILE]
 
-Tasks (m3jax.evaluate): perplexity (held-out packed sequences), kw_qa (knowledge
+Tasks (m3jax.evaluation.evaluate): perplexity (held-out packed sequences), kw_qa (knowledge
 world exact match by greedy generation, per entity group), kw_mc (the same
 questions as multiple choice), hellaswag / arc / boolq (=FILE: lm-evaluation-
 harness style JSONL). The leakage filter (references with overlap above the
@@ -27,6 +27,9 @@ from absl import app
 from absl import flags
 
 from m3jax import commands
+from m3jax.evaluation import evaluate as ev
+from m3jax.inference import generate as gen_lib
+from m3jax.inference import session as inference
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Params dir, training workdir, "
                                   "checkpoints dir or step dir (default: --workdir).")
@@ -56,9 +59,6 @@ _OUTPUT = flags.DEFINE_string("output", None, "Results JSON path.")
 
 def main(argv: list[str]) -> None:
   commands.check_args(argv)
-  from m3jax import evaluate as ev
-  from m3jax import generate as gen_lib
-  from m3jax import inference
   checkpoint = _CHECKPOINT.value or _WORKDIR.value
   try:
     tasks = ev.parse_tasks(_TASK.value)

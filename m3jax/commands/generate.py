@@ -23,6 +23,8 @@ from absl import app
 from absl import flags
 
 from m3jax import commands
+from m3jax.inference import generate as gen_lib
+from m3jax.inference import session as inference
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
                                   "Params dir, training workdir, checkpoints dir or step dir.")
@@ -51,8 +53,6 @@ _OUTPUT = flags.DEFINE_string("output", None, "Also write {prompt, completion} J
 def main(argv: list[str]) -> None:
   commands.check_args(argv)
   import jax
-  from m3jax import generate as gen_lib
-  from m3jax import inference
   try:
     prompts = gen_lib.read_prompts(_PROMPTS_FILE.value, _PROMPT.value)
     sampling = gen_lib.Sampling(_TEMPERATURE.value, _TOP_P.value)

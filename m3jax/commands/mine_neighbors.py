@@ -4,7 +4,7 @@
 
 Needs `m3jax prepare-data` and `m3jax build-index` first. Writes the neighbor table
 of the packed split to `<workdir>/data/neighbors/<split>/` (see
-`data_pipeline.neighbors`): numbered int32 shards plus a manifest. Killed and
+`m3jax.retrieval.neighbors`): numbered int32 shards plus a manifest. Killed and
 rerun, it finishes the missing shards and produces byte-identical files. Several
 processes share the work with --process_index/--process_count (default: the
 M3JAX_PROCESS_ID / M3JAX_NUM_PROCESSES environment, else 0 of 1).
@@ -21,7 +21,10 @@ from absl import flags
 from ml_collections import config_flags
 
 from m3jax import commands
-from m3jax import config as config_lib
+from m3jax.core import config as config_lib
+from m3jax.retrieval import embedder as emb_lib
+from m3jax.retrieval import index as index_lib
+from m3jax.retrieval import neighbors
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -45,9 +48,6 @@ def main(argv: list[str]) -> None:
   if not 0 <= _PROCESS_INDEX.value < _PROCESS_COUNT.value:
     raise app.UsageError(f"--process_index={_PROCESS_INDEX.value} is not in "
                          f"[0, --process_count={_PROCESS_COUNT.value})")
-  from data_pipeline import neighbors
-  from m3jax import embedder as emb_lib
-  from m3jax import index as index_lib
   cfg = config_lib.validate(_CONFIG.value)
   try:
     manifest = neighbors.mine_workdir(

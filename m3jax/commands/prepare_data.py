@@ -17,7 +17,10 @@ from absl import flags
 from ml_collections import config_flags
 
 from m3jax import commands
-from m3jax import config as config_lib
+from m3jax.core import config as config_lib
+from data_pipeline import corpus
+from data_pipeline import prepare
+from data_pipeline import tokenizer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -26,9 +29,6 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; data goes to <wo
 
 def main(argv: list[str]) -> None:
   commands.check_args(argv, _CONFIG, _WORKDIR)
-  from data_pipeline import corpus
-  from data_pipeline import prepare
-  from data_pipeline import tokenizer
   cfg = config_lib.validate(_CONFIG.value)
   try:
     manifest = prepare.prepare_data(cfg, _WORKDIR.value)

@@ -16,6 +16,8 @@ from absl import app
 from absl import flags
 
 from m3jax import commands
+from data_pipeline import corpus
+from data_pipeline import tokenizer as tok_lib
 
 _INPUT = flags.DEFINE_list("input", None, "Text files or glob patterns (.txt, .jsonl, .gz).")
 _VOCAB = flags.DEFINE_integer("vocab_size", None, "Vocabulary size, special pieces included.")
@@ -37,8 +39,6 @@ def main(argv: list[str]) -> None:
                       ("--out", _OUT.value)):
     if not value:
       raise app.UsageError(f"{flag} is required")
-  from data_pipeline import corpus
-  from data_pipeline import tokenizer as tok_lib
   try:
     files = corpus.expand_files(_INPUT.value, "--input")
     texts = (text for _, text in corpus.iter_file_documents(

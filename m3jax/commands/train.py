@@ -15,8 +15,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from m3jax import commands
-from m3jax import config as config_lib
-from m3jax import distributed
+from m3jax.core import config as config_lib
+from m3jax.core import distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics).",
@@ -29,7 +29,7 @@ distributed.define_distributed_flags()
 def main(argv: list[str]) -> None:
   commands.check_args(argv, _CONFIG)
   distributed.initialize_from_flags()
-  from m3jax import train  # after distributed init: it touches devices
+  from m3jax.training import loop as train  # after distributed init: it touches devices
   cfg = config_lib.validate(_CONFIG.value)
   train.train(cfg, _WORKDIR.value, stop_after=_STOP_AFTER.value)
 

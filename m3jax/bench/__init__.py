@@ -1,0 +1,1 @@
+"""Benchmarks (`m3jax bench ...`): training step, reference encoding and decoding speed."""

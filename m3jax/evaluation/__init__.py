@@ -1,0 +1,1 @@
+"""Evaluation with and without memory: tasks, scorers, the runner and memory coverage."""

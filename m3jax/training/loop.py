@@ -1,0 +1,328 @@
+"""The training loop of both stages: data, sharded state, steps, metrics, checkpoints.
+
+`train(cfg, workdir)` owns everything around the pure step (m3jax.training.step):
+it builds the mesh, creates or restores the sharded train state, feeds global
+batches from the grain loader, logs metrics, evaluates held-out loss with and
+without memory, and checkpoints the state together with the data-iterator state.
+
+Start-up order: an existing checkpoint in the workdir always wins (automatic
+resume, bitwise-identical continuation on the same hardware); otherwise a
+continual run initialises its parameters from `train.init_from` (a warmup workdir,
+checkpoint dir or params dir) with a fresh optimizer; otherwise parameters are
+initialised from `seed`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from m3jax.training import checkpoint as ckpt_lib
+from m3jax.core import config as config_lib
+from m3jax.model import costs
+from m3jax.core import hardware
+from m3jax.core import metrics as metrics_lib
+from m3jax.training import optim
+from m3jax.model import sharding as sharding_lib
+from m3jax.training import step as step_lib
+from m3jax.model.transformer import Transformer
+from data_pipeline import loader as loader_lib
+from data_pipeline import prepare
+from m3jax.retrieval import neighbors as neighbors_lib
+
+CONFIG_FILE = "config.json"
+
+
+def _say(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+@dataclasses.dataclass
+class RunContext:
+  """What a run builds once: mesh, rules, shardings, the jitted step functions."""
+  cfg: ml_collections.ConfigDict
+  model_config: Any
+  mesh: jax.sharding.Mesh
+  rules: Any
+  tx: Any
+  schedule: Callable
+  state_shardings: Any
+  batch_sharding: jax.sharding.NamedSharding
+  use_memory: bool
+
+
+def uses_memory(cfg: ml_collections.ConfigDict) -> bool:
+  """Continual training always reads memory; warmup only in the from-scratch ablation."""
+  return cfg.train.stage == "continual" or bool(cfg.train.use_memory)
+
+
+def build_context(cfg: ml_collections.ConfigDict) -> RunContext:
+  """Mesh, optimizer and the shardings of the train state and of batches."""
+  mc = config_lib.model_config(cfg)
+  mesh = sharding_lib.make_mesh(cfg)
+  rules = sharding_lib.axis_rules(cfg)
+  tx = optim.make_optimizer(cfg.train)
+  schedule = optim.learning_rate_schedule(cfg.train)
+  n_batch_shards = 1
+  batch_axes = nn.logical_to_mesh_axes(("batch",), rules)[0]
+  for ax in (batch_axes if isinstance(batch_axes, tuple) else (batch_axes,)):
+    if ax is not None:
+      n_batch_shards *= mesh.shape[ax]
+  if cfg.data.batch_size % (n_batch_shards * cfg.train.grad_accum):
+    raise config_lib.ConfigError(
+        f"config field `data.batch_size`: {cfg.data.batch_size} is not divisible by the "
+        f"{n_batch_shards} batch shards of the mesh x train.grad_accum={cfg.train.grad_accum}")
+  abstract = abstract_state(mc, tx)
+  state_shardings = sharding_lib.logical_shardings(abstract, mesh, rules)
+  batch_sharding = sharding_lib.logical_sharding(mesh, rules, ("batch",))
+  return RunContext(cfg, mc, mesh, rules, tx, schedule, state_shardings, batch_sharding,
+                    uses_memory(cfg))
+
+
+def abstract_state(mc, tx) -> step_lib.TrainState:
+  """Boxed abstract train state (logical axes on params and optimizer moments)."""
+  tokens = jax.ShapeDtypeStruct((1, mc.chunk_length), jnp.int32)
+
+  def init(rng):
+    params = Transformer(mc).init(rng, jnp.zeros(tokens.shape, tokens.dtype))["params"]
+    return step_lib.TrainState.create(params, tx)
+
+  return jax.eval_shape(init, jax.random.key(0))
+
+
+def init_state(ctx: RunContext, rng: jax.Array, params: Any = None) -> step_lib.TrainState:
+  """A fresh state in its shardings (from `rng`, or around given parameters)."""
+  mc, tx = ctx.model_config, ctx.tx
+
+  def init(rng, params):
+    if params is None:
+      params = Transformer(mc).init(rng, jnp.zeros((1, mc.chunk_length), jnp.int32))["params"]
+    return nn.unbox(step_lib.TrainState.create(nn.unbox(params), tx))
+
+  with sharding_lib.use_mesh(ctx.mesh, ctx.rules):
+    if params is None:
+      return jax.jit(lambda r: init(r, None), out_shardings=ctx.state_shardings)(rng)
+    params = jax.device_put(params, ctx.state_shardings.params)
+    return jax.jit(lambda p: init(None, p), out_shardings=ctx.state_shardings)(params)
+
+
+def _abstract_with_shardings(ctx: RunContext) -> Any:
+  abstract = nn.unbox(abstract_state(ctx.model_config, ctx.tx))
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, ctx.state_shardings)
+
+
+def compile_steps(ctx: RunContext) -> tuple[Callable, Callable, Callable | None]:
+  """Jitted (train_step, eval_step without memory, eval_step with memory or None)."""
+  t = ctx.cfg.train
+  train_fn = step_lib.make_train_step(
+      ctx.model_config, ctx.tx, use_memory=ctx.use_memory, grad_accum=int(t.grad_accum),
+      grad_through_references=bool(t.grad_through_references), lr_schedule=ctx.schedule)
+  train = jax.jit(train_fn, in_shardings=(ctx.state_shardings, ctx.batch_sharding),
+                  out_shardings=(ctx.state_shardings, None), donate_argnums=(0,))
+  params_sh = ctx.state_shardings.params
+  plain = jax.jit(step_lib.make_eval_step(ctx.model_config, use_memory=False),
+                  in_shardings=(params_sh, ctx.batch_sharding))
+  with_mem = None
+  if ctx.model_config.n_memory_layers:
+    with_mem = jax.jit(step_lib.make_eval_step(ctx.model_config, use_memory=True),
+                       in_shardings=(params_sh, ctx.batch_sharding))
+  return train, plain, with_mem
+
+
+# ------------------------------------------------------------------------ data
+
+
+def data_root(cfg: ml_collections.ConfigDict, workdir: str) -> str:
+  return prepare.data_root(cfg, workdir)
+
+
+def memory_inputs(cfg, root: str, split: str) -> tuple[Any, Any] | None:
+  """(NeighborTable, ReferenceStore) of a split, or None when it has no neighbor table.
+
+  The table is checked against its corpus, references, tokenizer and the config's
+  mining settings, so a stale table is refused rather than silently used.
+  """
+  path = neighbors_lib.neighbors_dir(root, split)
+  if not os.path.exists(os.path.join(path, neighbors_lib.MANIFEST)):
+    return None
+  return neighbors_lib.open_neighbor_table(cfg, root, split), prepare.open_references(root)
+
+
+def make_train_loader(ctx: RunContext, root: str):
+  neighbors = references = None
+  if ctx.use_memory:
+    inputs = memory_inputs(ctx.cfg, root, "train")
+    if inputs is None:
+      raise FileNotFoundError(
+          f"{neighbors_lib.neighbors_dir(root, 'train')}: no neighbor table; training with memory "
+          f"(train.stage={ctx.cfg.train.stage!r}, train.use_memory={ctx.cfg.train.use_memory}) "
+          "needs `m3jax mine-neighbors` first")
+    neighbors, references = inputs
+  return loader_lib.make_loader(ctx.cfg, root, split="train", sharding=ctx.batch_sharding,
+                                neighbors=neighbors, references=references)
+
+
+def evaluate(ctx: RunContext, params: Any, root: str, eval_plain: Callable,
+             eval_mem: Callable | None) -> dict[str, float]:
+  """Held-out loss/perplexity without memory and, when neighbors exist, with memory."""
+  out: dict[str, float] = {}
+  n = int(ctx.cfg.train.eval_batches)
+  modes = [("eval/no_memory", eval_plain, None)]
+  inputs = memory_inputs(ctx.cfg, root, "validation") if eval_mem is not None else None
+  if inputs is not None:
+    modes.append(("eval/memory", eval_mem, inputs))
+  for name, fn, inp in modes:
+    loader = loader_lib.make_loader(
+        ctx.cfg, root, split="validation", sharding=ctx.batch_sharding, num_epochs=1,
+        shuffle=False, neighbors=inp[0] if inp else None, references=inp[1] if inp else None)
+    loss_sum, tokens, mass = 0.0, 0.0, []
+    for i, batch in enumerate(loader):
+      if i >= n:
+        break
+      r = jax.device_get(fn(params, batch))
+      loss_sum += float(r["loss_sum"])
+      tokens += float(r["tokens"])
+      if "memory_attention_mass" in r:
+        mass.append(float(r["memory_attention_mass"]))
+    if tokens:
+      out[f"{name}/loss"] = loss_sum / tokens
+      out[f"{name}/perplexity"] = float(np.exp(min(loss_sum / tokens, 50.0)))
+    if mass:
+      out[f"{name}/memory_attention_mass"] = float(np.mean(mass))
+  return out
+
+
+# ------------------------------------------------------------------------ state
+
+
+def _load_init_params(cfg, ctx: RunContext) -> Any:
+  """Parameters of `train.init_from` (warmup run), checked against this model."""
+  path = cfg.train.init_from
+  src_cfg, params, step = ckpt_lib.load_for_inference(path, shardings=ctx.state_shardings.params)
+  src = config_lib.model_config(src_cfg)
+  if src.fingerprint() != ctx.model_config.fingerprint():
+    raise ValueError(f"train.init_from={path!r}: its model config differs from this run's "
+                     f"(fingerprints {src.fingerprint()} vs {ctx.model_config.fingerprint()})")
+  _say(f"train: initialising parameters from {path} (step {step})")
+  return params
+
+
+def _write_run_config(cfg, workdir: str) -> None:
+  """Saves the resolved config; refuses a workdir made for another model."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if os.path.exists(path):
+    old = config_lib.model_config(config_lib.config_from_json(path))
+    new = config_lib.model_config(cfg)
+    if old.fingerprint() != new.fingerprint():
+      raise ValueError(f"{workdir} holds a run of another model ({path}); use a new --workdir")
+  if jax.process_index() == 0:
+    config_lib.save_config(cfg, path)
+
+
+# ------------------------------------------------------------------------ loop
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None = None,
+          stop_after: int | None = None) -> dict[str, float]:
+  """Trains until `train.steps` (or `max_steps`); returns the last logged metrics.
+
+  stop_after: leave after this many steps of THIS invocation (tests, time-boxed
+  jobs), checkpointing first as a preemption would.
+  """
+  config_lib.validate(cfg)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  _write_run_config(cfg, workdir)
+  ctx = build_context(cfg)
+  t = cfg.train
+  total_steps = int(max_steps or t.steps)
+  root = data_root(cfg, workdir)
+
+  checkpointer = ckpt_lib.Checkpointer.for_workdir(workdir, cfg)
+  loader = make_train_loader(ctx, root)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    restored = checkpointer.restore(latest, _abstract_with_shardings(ctx))
+    state = restored.state
+    if restored.data_state is not None:
+      loader.set_state(restored.data_state)
+    _say(f"train: resumed from {checkpointer.step_dir(latest)}")
+  else:
+    params = _load_init_params(cfg, ctx) if t.init_from else None
+    state = init_state(ctx, jax.random.key(int(cfg.seed)), params)
+    if ctx.mesh.shape["fsdp"] * ctx.mesh.shape["tensor"] > 1:  # data-parallel replicates
+      sharding_lib.check_sharded(state.params)
+
+  train_fn, eval_plain, eval_mem = compile_steps(ctx)
+  n_devices = jax.device_count()
+  peak, peak_src = hardware.peak_flops_per_device(float(t.peak_flops_per_device))
+  flops_per_token = costs.train_flops_per_token(
+      ctx.model_config, use_memory=ctx.use_memory,
+      grad_through_references=bool(t.grad_through_references))
+  tokens_per_step = cfg.data.batch_size * cfg.model.max_seq_len
+  _say(f"train: stage={t.stage} memory={'on' if ctx.use_memory else 'off'} mesh="
+       f"{dict(ctx.mesh.shape)} devices={n_devices} tokens/step={tokens_per_step} "
+       f"MFU peak={peak:.3g} FLOP/s/device ({peak_src})")
+
+  writer = metrics_lib.MetricWriter(workdir)
+  acc = metrics_lib.MetricAccumulator(last=("lr",))
+  guard = ckpt_lib.PreemptionGuard(sync_every=int(t.log_every)).install()
+  step = int(jax.device_get(state.step))
+  start_step, last_log_time, last_log_step = step, time.perf_counter(), step
+  logged: dict[str, float] = {}
+  try:
+    while step < total_steps:
+      batch = next(loader)
+      with sharding_lib.use_mesh(ctx.mesh, ctx.rules):
+        state, m = train_fn(state, batch)
+      step += 1
+      acc.add(m)
+      if step == start_step + 1:  # keep compilation out of the step-time figures
+        jax.block_until_ready(m)
+        last_log_time, last_log_step = time.perf_counter(), step
+      if step % int(t.log_every) == 0 or step == total_steps:
+        values = acc.fetch()  # waits for the device only here
+        now = time.perf_counter()
+        dt = (now - last_log_time) / max(step - last_log_step, 1)
+        last_log_time, last_log_step = now, step
+        values["perplexity"] = float(np.exp(min(values["loss"], 50.0)))
+        values["step_time_s"] = dt
+        values["tokens_per_s"] = tokens_per_step / dt
+        values["mfu"] = values["tokens_per_s"] * flops_per_token / (peak * n_devices)
+        logged = {f"train/{k}": v for k, v in values.items()}
+        writer.write_scalars(step, logged)
+        _say(f"step {step}/{total_steps} loss {values['loss']:.4f} lr {values.get('lr', 0):.2e} "
+             f"gnorm {values['grad_norm']:.3f} {values['tokens_per_s']:.0f} tok/s "
+             f"mfu {values['mfu']:.1%}" +
+             (f" mem_share {values['memory_chunk_share']:.2f} mem_mass "
+              f"{values.get('memory_attention_mass', float('nan')):.3f}"
+              if ctx.use_memory else ""))
+      if int(t.eval_every) and (step % int(t.eval_every) == 0 or step == total_steps):
+        ev = evaluate(ctx, state.params, root, eval_plain, eval_mem)
+        writer.write_scalars(step, ev)
+        logged.update(ev)
+        _say("eval " + " ".join(f"{k}={v:.4f}" for k, v in sorted(ev.items())))
+      stopping = guard.should_stop(step) or (
+          stop_after is not None and step - start_step >= stop_after)
+      if step % int(t.checkpoint_every) == 0 or step == total_steps or stopping:
+        checkpointer.save(step, state, loader.get_state(), {"stage": t.stage})
+      if stopping:
+        _say(f"train: stopping at step {step} (checkpoint saved)")
+        break
+      if last_log_step == step:  # eval and checkpoint time is not step time
+        last_log_time = time.perf_counter()
+  finally:
+    guard.uninstall()
+    checkpointer.close()
+    writer.close()
+  return logged

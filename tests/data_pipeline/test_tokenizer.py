@@ -1,0 +1,158 @@
+"""Tokenizer: special ids, byte fallback, determinism, files, compatibility checks."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from data_pipeline import knowledge_world
+from data_pipeline import tokenizer as tok_lib
+from m3jax.core import config as config_lib
+
+VOCAB = 512
+
+
+def _texts():
+  world = knowledge_world.generate(dict(n_seen=20, n_memory_taught=20, n_unseen=10))
+  return [d.text for d in world.train_documents + world.kb_documents]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("tok") / "m3")
+  return tok_lib.train_tokenizer(_texts(), out, vocab_size=VOCAB), out
+
+
+def test_special_ids_and_reference_prefix(trained):
+  tok, _ = trained
+  assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2, 3)
+  assert tok.id_to_piece(4) == "Reference:"
+  assert tok.reference_prefix_ids == (2, 4)
+  assert tok.vocab_size == VOCAB
+  assert 4 in tok.encode("Reference: Alan Ashwick was born in Corvale.")
+
+
+def test_any_utf8_text_round_trips_through_byte_fallback(trained):
+  tok, _ = trained
+  text = "Zürich — 日本語 🙂 tab\there\nnew line, ĳ ﬁ  two  spaces"
+  ids = tok.encode(text)
+  assert tok.unk_id not in ids
+  assert tok.decode(ids) == text
+  assert tok.decode_batch(tok.encode_batch([text, "a b"])) == [text, "a b"]
+
+
+def test_bos_eos_and_pad_handling(trained):
+  tok, _ = trained
+  ids = tok.encode("hello", add_bos=True, add_eos=True)
+  assert ids[0] == 2 and ids[-1] == 3
+  assert tok.decode(tok.encode("hello") + [0, 0]) == "hello"
+
+
+def test_training_is_deterministic(trained, tmp_path):
+  tok, out = trained
+  again = tok_lib.train_tokenizer(_texts(), str(tmp_path / "again"), vocab_size=VOCAB)
+  assert again.hash == tok.hash
+  with open(out + ".model", "rb") as a, open(tmp_path / "again.model", "rb") as b:
+    assert a.read() == b.read()
+
+
+def test_files_record_hash_and_ids(trained):
+  tok, out = trained
+  with open(out + ".model", "rb") as f:
+    digest = hashlib.sha256(f.read()).hexdigest()
+  with open(out + ".json") as f:
+    meta = json.load(f)
+  assert meta["hash"] == digest == tok.hash
+  assert meta["vocab_size"] == VOCAB and meta["reference_prefix_ids"] == [2, 4]
+  loaded = tok_lib.Tokenizer.load(out + ".model")
+  assert loaded.hash == tok.hash and tok_lib.Tokenizer.load(out).hash == tok.hash
+
+
+def test_replaced_model_file_is_detected_by_sidecar(trained, tmp_path):
+  tok, out = trained
+  other = tok_lib.train_tokenizer(_texts()[:40], str(tmp_path / "other"), vocab_size=VOCAB)
+  dst = tmp_path / "mixed"
+  with open(str(tmp_path / "other.model"), "rb") as f:
+    (tmp_path / "mixed.model").write_bytes(f.read())
+  with open(out + ".json") as f:
+    (tmp_path / "mixed.json").write_text(f.read())
+  assert other.hash != tok.hash
+  with pytest.raises(tok_lib.TokenizerMismatchError, match="mixed.json"):
+    tok_lib.Tokenizer.load(str(dst))
+
+
+def test_missing_model_file_names_path(tmp_path):
+  with pytest.raises(FileNotFoundError, match="nothere.model"):
+    tok_lib.Tokenizer.load(str(tmp_path / "nothere"))
+
+
+def test_empty_input_is_a_clear_error(tmp_path):
+  with pytest.raises(ValueError, match="no training text"):
+    tok_lib.train_tokenizer(["", "  \n"], str(tmp_path / "empty"), vocab_size=VOCAB)
+
+
+def test_check_compatible_accepts_matching_model(trained, repo_root):
+  tok, _ = trained
+  cfg = config_lib.load_config(str(repo_root / "configs" / "tiny.py"),
+                               [f"model.vocab_size={VOCAB}"])
+  tok_lib.check_compatible(tok, config_lib.model_config(cfg))
+  tok_lib.check_compatible(tok, cfg)
+
+
+@pytest.mark.parametrize("override,field", [
+    ("model.vocab_size=1024", "model.vocab_size"),
+    ("model.reference_prefix_ids=(2, 5)", "model.reference_prefix_ids"),
+    ("model.bos_id=1", "model.bos_id"),
+])
+def test_check_compatible_refuses_mismatch_naming_both(trained, repo_root, override, field):
+  tok, out = trained
+  cfg = config_lib.load_config(str(repo_root / "configs" / "tiny.py"),
+                               [f"model.vocab_size={VOCAB}", override])
+  with pytest.raises(tok_lib.TokenizerMismatchError) as e:
+    tok_lib.check_compatible(tok, config_lib.model_config(cfg))
+  assert field in str(e.value) and os.path.basename(out) in str(e.value)
+
+
+def test_check_tokenizer_hash_names_the_artifact(trained):
+  tok, _ = trained
+  with pytest.raises(tok_lib.TokenizerMismatchError, match="memory bank /x/bank"):
+    tok_lib.check_tokenizer_hash("0" * 64, tok, "memory bank /x/bank")
+  tok_lib.check_tokenizer_hash(tok.hash, tok, "memory bank /x/bank")
+
+
+def test_command_trains_from_files(tmp_path):
+  corpus = tmp_path / "c.txt"
+  corpus.write_text("\n\n".join(_texts()))
+  out = tmp_path / "cli"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  res = subprocess.run(
+      [sys.executable, "-m", "m3jax.commands.tokenizer", f"--input={corpus}",
+       f"--vocab_size={VOCAB}", f"--out={out}"], capture_output=True, text=True, timeout=120,
+      env=env)
+  assert res.returncode == 0, res.stderr[-2000:]
+  meta = json.loads(res.stdout)
+  assert meta["vocab_size"] == VOCAB and meta["reference_prefix_ids"] == [2, 4]
+  assert tok_lib.Tokenizer.load(str(out)).hash == meta["hash"]
+
+
+def test_command_names_missing_input(tmp_path):
+  res = subprocess.run(
+      [sys.executable, "-m", "m3jax.commands.tokenizer", f"--input={tmp_path}/absent.txt",
+       f"--vocab_size={VOCAB}", f"--out={tmp_path}/x"], capture_output=True, text=True,
+      timeout=120)
+  assert res.returncode != 0
+  assert "absent.txt" in res.stderr
+
+
+def test_line_starts_are_tokenized_like_the_training_text(trained):
+  # Trained on whole documents: "Answer" after a newline is a word the tokenizer knows,
+  # not byte-and-letter fragments, and the newline is its own piece.
+  tok, _ = trained
+  ids = tok.encode("Question: Where was Alia Ashwick born?\nAnswer: Corvale.")
+  pieces = [tok.id_to_piece(i) for i in ids]
+  assert "\n" in pieces and tok.id_to_piece(5) == "\n"
+  assert pieces[pieces.index("\n") + 1] == "Answer"
+  assert tok.decode(ids) == "Question: Where was Alia Ashwick born?\nAnswer: Corvale."

@@ -1,0 +1,105 @@
+"""`m3jax demo` orchestration on a tiny setting: every stage, summary, plots, reuse."""
+
+import json
+import os
+import time
+
+import ml_collections
+import pytest
+
+from m3jax.demo import pipeline as demo
+from m3jax.core.config import load_config
+
+TINY_DEMO = (
+    "data.knowledge_world.n_seen=8", "data.knowledge_world.n_memory_taught=8",
+    "data.knowledge_world.n_unseen=6", "data.eval_fraction=0.2",
+    "train.log_every=1", "train.eval_every=2", "train.eval_batches=1",
+    "train.checkpoint_every=2",
+)
+
+
+def _tiny_demo_config(repo_root):
+  cfg = load_config(str(repo_root / "configs" / "tiny.py"), TINY_DEMO)
+  cfg.demo = ml_collections.ConfigDict(dict(
+      warmup=dict(steps=2, warmup_steps=1),
+      continual=dict(steps=2, warmup_steps=1),
+      eval_limit=6, eval_batch_size=8, eval_max_new_tokens=4, perplexity_limit=2,
+      bench_batch=2, bench_prompt_len=16, bench_new_tokens=8, bench_runs=2))
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def first_run(repo_root, tmp_path_factory):
+  cfg = _tiny_demo_config(repo_root)
+  wd = str(tmp_path_factory.mktemp("demo") / "wd")
+  t0 = time.perf_counter()
+  summary = demo.run_demo(cfg, wd, log=lambda msg: None)
+  return cfg, wd, summary, time.perf_counter() - t0
+
+
+def test_every_stage_runs_and_summary_is_complete(first_run):
+  _, wd, summary, _ = first_run
+  assert summary["stage_status"] == {s: "ran" for s in demo.STAGES if s != "summary"}
+  with open(os.path.join(wd, demo.SUMMARY_FILE)) as f:
+    on_disk = json.load(f)
+  for key in ("qa_accuracy", "perplexity", "decode_tokens_per_s", "decode_ratios", "memory",
+              "targets", "curves", "stages", "total_seconds", "plots"):
+    assert key in on_disk, key
+  for task in ("kw_mc", "kw_qa"):
+    for mode in demo.MODES:
+      accs = on_disk["qa_accuracy"][task][mode]
+      assert set(accs) == {"all", *demo.GROUPS}
+      assert all(0.0 <= v <= 1.0 for v in accs.values())
+  for mode in demo.MODES:
+    assert on_disk["perplexity"][mode] > 1.0
+    assert on_disk["decode_tokens_per_s"][mode] > 0
+  mem = on_disk["memory"]
+  assert mem["kv_bytes_per_memory"] == mem["costs_bytes_per_memory"]
+  assert mem["bank_bytes"] >= mem["references"] * mem["kv_bytes_per_memory"]
+  assert on_disk["targets"]["chance"] == pytest.approx(0.1)
+  for stage in ("warmup", "continual"):
+    assert len(on_disk["curves"][stage]["train_loss"]) == 2
+  for plot in demo.PLOTS:
+    path = os.path.join(wd, plot)
+    with open(path, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n", plot
+  text = demo.format_summary(on_disk)
+  assert "unseen" in text and "explicit/none" in text
+
+
+def test_rerun_reuses_every_stage(first_run):
+  cfg, wd, summary, first_seconds = first_run
+  t0 = time.perf_counter()
+  again = demo.run_demo(cfg, wd, log=lambda msg: None)
+  seconds = time.perf_counter() - t0
+  assert again["stage_status"] == {s: "reused" for s in demo.STAGES if s != "summary"}
+  assert again["qa_accuracy"] == summary["qa_accuracy"]
+  assert seconds < first_seconds / 3
+
+
+def test_changed_stage_settings_rerun_that_stage_and_later(first_run, tmp_path):
+  cfg, wd, _, _ = first_run
+  changed = ml_collections.ConfigDict(cfg.to_dict())
+  changed.demo.bench_runs = 3
+  again = demo.run_demo(changed, wd, log=lambda msg: None)
+  assert again["stage_status"]["bench"] == "ran"
+  assert again["stage_status"]["eval"] == "reused"
+  assert again["decode_setup"]["runs"] == 3
+
+
+def test_unknown_demo_field_is_refused(repo_root):
+  cfg = _tiny_demo_config(repo_root)
+  cfg.demo.not_a_field = 1
+  with pytest.raises(demo.DemoError, match="demo.not_a_field"):
+    demo.demo_settings(cfg)
+
+
+def test_interrupted_training_stops_the_demo(monkeypatch, tmp_path):
+  from m3jax.demo import pipeline as demo_lib
+  from m3jax.training import loop as train_lib
+  from m3jax.core.config import load_config
+  from conftest import REPO
+  cfg = load_config(str(REPO / "configs" / "tiny.py"))
+  monkeypatch.setattr(train_lib, "train", lambda c, w: None)  # returns without finishing
+  with pytest.raises(demo_lib.StageInterrupted, match="rerun the demo"):
+    demo_lib._train_stage(cfg, str(tmp_path))
