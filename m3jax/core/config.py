@@ -101,7 +101,7 @@ class ModelConfig:
 
 
 _REMAT = ("none", "full", "dots_saveable", "dots_with_no_batch_dims")
-_DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # see m3jax.model.dtypes
 
 
 def _require(cond: bool, field: str, msg: str) -> None:
@@ -142,8 +142,9 @@ def model_config(cfg: ml_collections.ConfigDict | dict) -> ModelConfig:
            f"cannot keep {m['memory_tokens_per_head']} of {m['reference_length']} tokens")
   _require(m["max_seq_len"] % m["chunk_length"] == 0, "model.max_seq_len",
            f"{m['max_seq_len']} is not a multiple of chunk_length={m['chunk_length']}")
-  _require(m.get("dtype", "float32") in _DTYPES, "model.dtype", f"one of {_DTYPES}")
-  _require(m.get("param_dtype", "float32") in _DTYPES, "model.param_dtype", f"one of {_DTYPES}")
+  _require(m.get("dtype", "float32") in DTYPE_NAMES, "model.dtype", f"one of {DTYPE_NAMES}")
+  _require(m.get("param_dtype", "float32") in DTYPE_NAMES, "model.param_dtype",
+           f"one of {DTYPE_NAMES}")
   _require(m.get("remat_policy", "none") in _REMAT, "model.remat_policy", f"one of {_REMAT}")
   prefix = tuple(int(t) for t in m.get("reference_prefix_ids", ()))
   _require(len(prefix) > 0, "model.reference_prefix_ids", "must name at least one token")
