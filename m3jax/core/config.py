@@ -8,6 +8,7 @@ model section into a hashable `ModelConfig` that jitted code can close over.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import importlib.util
@@ -16,6 +17,7 @@ import os
 from typing import Any, Sequence
 
 import ml_collections
+
 from m3jax.core import artifacts as atomic_io
 
 
@@ -205,7 +207,6 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
 
 def apply_override(cfg: ml_collections.ConfigDict, key: str, raw: str) -> None:
   """Sets `cfg.<key>` from its string form, parsed like absl's config flags."""
-  import ast
   parts = key.split(".")
   node = cfg
   for i, p in enumerate(parts[:-1]):
