@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from absl import app
+
 # name -> (module, one-line help). Only finished commands are listed.
 COMMANDS: dict[str, tuple[str, str]] = {
     "costs": ("m3jax.commands.costs", "parameter, storage and FLOP accounting from a config"),
@@ -52,7 +54,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"m3jax: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
     return 2
   module = importlib.import_module(COMMANDS[name][0])
-  from absl import app
   flags = argv[2:]
   if not any(f.split("=")[0] in ("--verbosity", "-v") for f in flags):
     # Libraries (tfds, orbax, jax) log every file they touch at INFO; our own progress

@@ -2,7 +2,7 @@
 
   m3jax costs --config=configs/memory3_2p4b.py [--references=1.12e8] [--uses=1,10,100]
 
-Prints the report of `m3jax.model.costs.format_report` (memory3-paper.md §2.5 and §5).
+Prints the report of `m3jax.model.cost_report.format_report` (docs/model.md, paper §2.5, §5).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from ml_collections import config_flags
 
 from m3jax import commands
 from m3jax.core import config as config_lib
+from m3jax.model import cost_report
 from m3jax.model import costs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -21,7 +22,7 @@ _REFERENCES = flags.DEFINE_float(
     "references", costs.PAPER_REFERENCES,
     "Number of references in the memory bank (default: the paper's 1.12e8).")
 _USES = flags.DEFINE_list(
-    "uses", [f"{u:g}" for u in costs.DEFAULT_USES],
+    "uses", [f"{u:g}" for u in cost_report.DEFAULT_USES],
     "Usage counts n at which to tabulate the implicit / explicit / RAG total cost.")
 _BYTES_PER_VECTOR = flags.DEFINE_integer(
     "quantized_bytes_per_vector", costs.QUANTIZED_BYTES_PER_VECTOR,
@@ -50,12 +51,13 @@ def main(argv: list[str]) -> None:
         f"--quantized_bytes_per_vector must be positive, got {_BYTES_PER_VECTOR.value}")
   cfg = config_lib.validate(_CONFIG.value)
   try:
-    report = costs.cost_report(config_lib.model_config(cfg), name=cfg.get("name", ""),
-                               references=_REFERENCES.value, uses=_parse_uses(_USES.value),
-                               bytes_per_vector=_BYTES_PER_VECTOR.value)
+    report = cost_report.cost_report(config_lib.model_config(cfg), name=cfg.get("name", ""),
+                                     references=_REFERENCES.value,
+                                     uses=_parse_uses(_USES.value),
+                                     bytes_per_vector=_BYTES_PER_VECTOR.value)
   except ValueError as e:  # ConfigError included
     raise SystemExit(f"m3jax costs: {e}") from e
-  print(costs.format_report(report))
+  print(cost_report.format_report(report))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ model section into a hashable `ModelConfig` that jitted code can close over.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import importlib.util
@@ -16,6 +17,7 @@ import os
 from typing import Any, Sequence
 
 import ml_collections
+
 from m3jax.core import artifacts as atomic_io
 
 
@@ -101,7 +103,7 @@ class ModelConfig:
 
 
 _REMAT = ("none", "full", "dots_saveable", "dots_with_no_batch_dims")
-_DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # see m3jax.model.dtypes
 
 
 def _require(cond: bool, field: str, msg: str) -> None:
@@ -142,8 +144,9 @@ def model_config(cfg: ml_collections.ConfigDict | dict) -> ModelConfig:
            f"cannot keep {m['memory_tokens_per_head']} of {m['reference_length']} tokens")
   _require(m["max_seq_len"] % m["chunk_length"] == 0, "model.max_seq_len",
            f"{m['max_seq_len']} is not a multiple of chunk_length={m['chunk_length']}")
-  _require(m.get("dtype", "float32") in _DTYPES, "model.dtype", f"one of {_DTYPES}")
-  _require(m.get("param_dtype", "float32") in _DTYPES, "model.param_dtype", f"one of {_DTYPES}")
+  _require(m.get("dtype", "float32") in DTYPE_NAMES, "model.dtype", f"one of {DTYPE_NAMES}")
+  _require(m.get("param_dtype", "float32") in DTYPE_NAMES, "model.param_dtype",
+           f"one of {DTYPE_NAMES}")
   _require(m.get("remat_policy", "none") in _REMAT, "model.remat_policy", f"one of {_REMAT}")
   prefix = tuple(int(t) for t in m.get("reference_prefix_ids", ()))
   _require(len(prefix) > 0, "model.reference_prefix_ids", "must name at least one token")
@@ -204,7 +207,6 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
 
 def apply_override(cfg: ml_collections.ConfigDict, key: str, raw: str) -> None:
   """Sets `cfg.<key>` from its string form, parsed like absl's config flags."""
-  import ast
   parts = key.split(".")
   node = cfg
   for i, p in enumerate(parts[:-1]):

@@ -24,6 +24,9 @@ import sys
 import time
 from typing import Mapping, Sequence
 
+import jax
+from absl import flags
+
 ENV_COORDINATOR = "M3JAX_COORDINATOR"
 ENV_NUM_PROCESSES = "M3JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "M3JAX_PROCESS_ID"
@@ -43,7 +46,7 @@ class ProcessSetup:
   num_processes: int
   process_id: int
   local_device_ids: tuple[int, ...] | None  # None: all local devices (or JAX's default)
-  source: str  # "args", "env", a detected cluster ("slurm", "gcetpu", ...) or "single"
+  source: str  # "args", "env", "cluster" (JAX detected one) or "single"
   all_local_devices: bool = False  # M3JAX_LOCAL_DEVICE_IDS=all
 
   @property
@@ -77,18 +80,22 @@ def _parse_device_ids(value: str | Sequence[int] | None, name: str
 
 def _detect_cluster(timeout_s: int) -> tuple[str | None, int | None, int | None,
                                              tuple[int, ...] | None, str | None]:
-  """JAX's own cluster detection (private API; absent -> nothing detected)."""
+  """JAX's own cluster detection: (address, processes, process id, local ids, "cluster").
+
+  JAX has no public API that returns the detected settings (only
+  `jax.distributed.initialize()` uses them, too late for the rendezvous and the
+  one-process check), so this calls the one private entry point behind it; without
+  it (another JAX version) nothing is detected.
+  """
   try:
-    from jax._src import clusters
+    from jax._src.clusters import ClusterEnv  # private: no public detection API (see above)
   except ImportError:  # pragma: no cover - depends on the JAX version
     return None, None, None, None, None
-  env = next((e for e in clusters.ClusterEnv._cluster_types  # pylint: disable=protected-access
-              if not e.opt_in_only_method and e.is_env_present()), None)
-  if env is None:
+  addr, n, pid, ids = ClusterEnv.auto_detect_unset_distributed_params(
+      None, None, None, None, None, timeout_s)
+  if (addr, n, pid, ids) == (None, None, None, None):
     return None, None, None, None, None
-  addr, n, pid, ids = clusters.ClusterEnv.auto_detect_unset_distributed_params(
-      None, None, None, None, env.name, timeout_s)
-  return addr, n, pid, (tuple(ids) if ids is not None else None), env.name
+  return addr, n, pid, (tuple(ids) if ids is not None else None), "cluster"
 
 
 def resolve_setup(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -301,8 +308,6 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   Raises `DistributedInitError` when the peers do not all arrive within
   `timeout_s` (the message names the coordinator and the missing process ids).
   """
-  import jax
-
   if jax.distributed.is_initialized():
     return ProcessSetup(None, jax.process_count(), jax.process_index(), None, "existing")
   setup = resolve_setup(coordinator_address, num_processes, process_id, local_device_ids,
@@ -310,8 +315,11 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   if not setup.is_multiprocess:
     return setup
   try:
-    from jax._src import xla_bridge
-    too_late = xla_bridge.backends_are_initialized()
+    # Private: JAX has no public "backends already initialised" query. JAX's own
+    # initialize() raises on this too, but only after the rendezvous has made every
+    # peer wait; checking first fails this process alone, at once.
+    from jax._src.xla_bridge import backends_are_initialized  # private: see above
+    too_late = backends_are_initialized()
   except (ImportError, AttributeError):  # pragma: no cover - JAX checks this too
     too_late = False
   if too_late:
@@ -348,7 +356,6 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 def define_distributed_flags(flag_values=None) -> None:
   """Defines --coordinator_address, --num_processes, --process_id, --local_device_ids and
   --distributed_timeout_s (idempotent; call at import time of a command module)."""
-  from absl import flags
   fv = flags.FLAGS if flag_values is None else flag_values
   if "distributed_timeout_s" in fv:
     return
@@ -370,7 +377,6 @@ def define_distributed_flags(flag_values=None) -> None:
 
 def initialize_from_flags(flag_values=None) -> ProcessSetup:
   """`initialize()` with the values of `define_distributed_flags()`'s flags."""
-  from absl import flags
   f = flags.FLAGS if flag_values is None else flag_values
   return initialize(f.coordinator_address, f.num_processes, f.process_id,
                     f.local_device_ids, timeout_s=f.distributed_timeout_s)

@@ -21,7 +21,11 @@ import struct
 import time
 from typing import Any, Iterable, Mapping
 
+import jax
 import numpy as np
+from tensorboardX import SummaryWriter
+from tensorboardX.crc32c import crc32c
+from tensorboardX.proto import event_pb2
 
 TENSORBOARD_DIR = "tensorboard"
 JSONL_FILE = "metrics.jsonl"
@@ -30,7 +34,6 @@ JSONL_FILE = "metrics.jsonl"
 def _scalar(name: str, value: Any) -> int | float:
   """A Python number from a Python/NumPy/JAX scalar; the error names the metric."""
   if not isinstance(value, (int, float, np.ndarray, np.generic)):
-    import jax
     value = jax.device_get(_addressable(value))
   arr = np.asarray(value)
   if arr.size != 1:
@@ -49,8 +52,7 @@ class MetricWriter:
   def __init__(self, workdir: str, process_index: int | None = None, *,
                flush_secs: float = 30.0):
     if process_index is None:
-      import jax
-      process_index = jax.process_index()
+        process_index = jax.process_index()
     self.workdir = os.path.abspath(workdir)
     self.enabled = process_index == 0
     self.jsonl_path = os.path.join(self.workdir, JSONL_FILE)
@@ -58,7 +60,6 @@ class MetricWriter:
     self._tb = None
     self._jsonl = None
     if self.enabled:
-      from tensorboardX import SummaryWriter
       os.makedirs(self.tensorboard_dir, exist_ok=True)
       self._tb = SummaryWriter(self.tensorboard_dir, flush_secs=flush_secs)
       _drop_torn_tail(self.jsonl_path)
@@ -144,7 +145,6 @@ class MetricAccumulator:
     """Means (or last values) over the pending steps; empties the accumulator."""
     if not self._pending:
       return {}
-    import jax
     host = jax.device_get([{k: _addressable(v) for k, v in m.items()}
                            for m in self._pending])
     self._pending = []
@@ -193,7 +193,6 @@ def read_jsonl(path: str, last_per_step: bool = False) -> list[dict[str, Any]]:
 
 
 def _masked_crc(data: bytes) -> int:
-  from tensorboardX.crc32c import crc32c
   crc = crc32c(data)
   return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
@@ -222,7 +221,6 @@ def _read_records(path: str) -> Iterable[bytes]:
 
 def read_tensorboard_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
   """tag -> [(step, value), ...] from every event file in `logdir` (or workdir/tensorboard)."""
-  from tensorboardX.proto import event_pb2
   if os.path.isdir(os.path.join(logdir, TENSORBOARD_DIR)):
     logdir = os.path.join(logdir, TENSORBOARD_DIR)
   files = sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*")))

@@ -40,6 +40,7 @@ import numpy as np
 
 from m3jax.memory import bank as bank_lib
 from m3jax.model import costs
+from m3jax.model.cost_report import format_bytes
 from m3jax.memory import quantize as quant_lib
 from m3jax.model import sharding as sharding_lib
 from m3jax.core.config import ConfigError, ModelConfig
@@ -485,7 +486,7 @@ def storage_summary(root: str, config: ModelConfig) -> dict[str, Any]:
 
 def storage_report(root: str, config: ModelConfig) -> str:
   s = storage_summary(root, config)
-  fb = costs.format_bytes
+  fb = format_bytes
   return "\n".join([
       f"storage: {s['references']:,} memories in {s['shards']} shards: "
       f"{fb(s['bank_bytes'])} on disk ({s['bank_bytes']:,} B)",

@@ -24,8 +24,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from m3jax.core.config import ModelConfig
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+from m3jax.model.dtypes import JNP_DTYPES
 
 # Logical axis names of each layer's cache array (mapped to mesh axes by the rules table).
 CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")
@@ -62,7 +61,7 @@ def init_cache(config: ModelConfig, batch_size: int, max_length: int, *, with_pr
                      f"must be positive")
   p = config.prefix_length if with_prefix else 0
   shape = (batch_size, p + max_length, config.n_kv_heads, config.head_dim)
-  dt = _DTYPES[dtype or config.dtype]
+  dt = JNP_DTYPES[dtype or config.dtype]
   zeros = tuple(jnp.zeros(shape, dt) for _ in range(config.n_layers))
   return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dt) for _ in range(config.n_layers)),
                  length=jnp.zeros((batch_size,), jnp.int32), prefix_length=p)

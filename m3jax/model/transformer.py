@@ -14,7 +14,7 @@ parameters (call them with `model.apply(variables, ..., method=...)`):
 - `prefill` / `decode_step`: incremental decoding with a `m3jax.model.kv_cache.KVCache`.
 
 Semantics when memory is off equal Hugging Face `LlamaForCausalLM` (parameter
-tree and logical axis names in CONTRACT.md). Parameters are float32; activations
+tree and logical axis names in docs/architecture.md). Parameters are float32; activations
 use `config.dtype`; norms and softmax run in float32; logits are float32.
 """
 
@@ -33,9 +33,8 @@ from m3jax.model import attention as attn_lib
 from m3jax.model import rope
 from m3jax.model import sparsify
 from m3jax.core.config import ModelConfig
+from m3jax.model.dtypes import JNP_DTYPES
 from m3jax.model.kv_cache import KVCache, position_offset
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole block
@@ -80,10 +79,10 @@ class RMSNorm(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
     scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                       (x.shape[-1],), _DTYPES[cfg.param_dtype])
+                       (x.shape[-1],), JNP_DTYPES[cfg.param_dtype])
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
-    return (y * scale.astype(jnp.float32)).astype(_DTYPES[cfg.dtype])
+    return (y * scale.astype(jnp.float32)).astype(JNP_DTYPES[cfg.dtype])
 
 
 class Projection(nn.Module):
@@ -98,8 +97,8 @@ class Projection(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
     init = nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), self.axes)
-    kernel = self.param("kernel", init, self.shape, _DTYPES[cfg.param_dtype])
-    dt = _DTYPES[cfg.dtype]
+    kernel = self.param("kernel", init, self.shape, JNP_DTYPES[cfg.param_dtype])
+    dt = JNP_DTYPES[cfg.dtype]
     return jnp.einsum(self.equation, x.astype(dt), kernel.astype(dt),
                       preferred_element_type=self.out_dtype)
 
@@ -112,13 +111,13 @@ class Embed(nn.Module):
     cfg = self.config
     init = nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("vocab", "embed"))
     self.embedding = self.param("embedding", init, (cfg.vocab_size, cfg.d_model),
-                                _DTYPES[cfg.param_dtype])
+                                JNP_DTYPES[cfg.param_dtype])
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    return jnp.take(self.embedding, tokens, axis=0).astype(_DTYPES[self.config.dtype])
+    return jnp.take(self.embedding, tokens, axis=0).astype(JNP_DTYPES[self.config.dtype])
 
   def attend(self, x: jax.Array) -> jax.Array:
-    emb = self.embedding.astype(_DTYPES[self.config.dtype])
+    emb = self.embedding.astype(JNP_DTYPES[self.config.dtype])
     return jnp.einsum("btd,vd->btv", x, emb, preferred_element_type=jnp.float32)
 
 
@@ -269,7 +268,7 @@ class Transformer(nn.Module):
       memory = None
       if memories is not None and i in mem_slot:
         memory = attn_lib.layer_memory(memories, memory_mask, mem_slot[i], cfg.n_kv_heads,
-                                       cfg.memory_heads, _DTYPES[cfg.dtype])
+                                       cfg.memory_heads, JNP_DTYPES[cfg.dtype])
         memory = attn_lib.MemoryKV(_constrain(memory.keys, _MEMORY_ACT),
                                    _constrain(memory.values, _MEMORY_ACT), memory.mask)
       layer_mode = dataclasses.replace(mode, select=mode.select and i in mem_slot)
@@ -475,6 +474,6 @@ def _jitted_init(config: ModelConfig):
 
 
 def init_params(config: ModelConfig, rng: jax.Array) -> dict:
-  """Fresh float32 parameters (unboxed), the tree in CONTRACT.md (single device;
+  """Fresh float32 parameters (unboxed), the tree of docs/architecture.md (single device;
   see `m3jax.model.sharding.init_params` for parameters born sharded)."""
   return _jitted_init(config)(rng)

@@ -107,7 +107,7 @@ def test_two_processes_collectives_checkpoint_and_preemption(tmp_path):
 
 
 def test_peer_that_never_arrives_gives_a_clear_error(tmp_path):
-  script = "from m3jax import distributed; distributed.initialize(timeout_s=5)"
+  script = "from m3jax.core import distributed; distributed.initialize(timeout_s=5)"
   coordinator_port = peer_port = local.free_port()
   while peer_port == coordinator_port:  # the two lone processes must not meet
     peer_port = local.free_port()

@@ -17,6 +17,7 @@ from safetensors.numpy import load_file  # noqa: E402
 
 from m3jax.core import config as config_lib  # noqa: E402
 from m3jax.model import hf_convert as convert  # noqa: E402
+from m3jax.model import hf_weights  # noqa: E402
 from m3jax.model import params_io  # noqa: E402
 
 PREFIX = (1, 7)  # stands in for [bos] + ids of "Reference:" when no tokenizer is saved
@@ -90,7 +91,7 @@ def test_param_tree_matches_model_init(tmp_path):
     shapes = jax.eval_shape(lambda key: init_params(m, key), jax.random.key(0))
     flat = {"/".join(k.key for k in path): tuple(x.shape)
             for path, x in jax.tree_util.tree_flatten_with_path(shapes)[0]}
-    assert flat == convert.expected_param_shapes(m)
+    assert flat == hf_weights.expected_param_shapes(m)
 
 
 def test_export_loads_in_transformers(tmp_path, tiny_config):
