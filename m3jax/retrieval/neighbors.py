@@ -37,11 +37,11 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from m3jax.core import artifacts as atomic_io
-from m3jax.retrieval import overlap as overlap_lib
 from data_pipeline import prepare
 from data_pipeline import tfds_builders
 from m3jax.core.progress import Progress
 from m3jax.retrieval import index as index_lib
+from m3jax.retrieval import search as search_lib
 
 FORMAT = "m3jax-neighbors"
 VERSION = 1
@@ -96,6 +96,25 @@ class MiningSettings:
 
 # ---------------------------------------------------------------- selection
 
+def _rejected(sequence: np.ndarray, candidates: np.ndarray, ref_tokens: Mapping[int, np.ndarray],
+              settings: MiningSettings, sequence_doc_keys: np.ndarray | None,
+              ref_doc_keys: Mapping[int, int] | None) -> np.ndarray:
+  """bool [C, n]: candidates that copy the WHOLE sequence or (exclude_same_doc) share
+  one of its documents."""
+  t = np.asarray(sequence)
+  t = t[t != settings.pad_id]
+  bad = search_lib.overlapping(t, candidates, lambda ids: [ref_tokens[int(r)] for r in ids],
+                               settings.overlap_threshold)
+  if settings.exclude_same_doc:
+    if sequence_doc_keys is None or ref_doc_keys is None:
+      raise ValueError("exclude_same_doc needs the sequence's and the references' doc keys")
+    own = {int(k) for k in np.asarray(sequence_doc_keys).reshape(-1) if k >= 0}
+    same = [int(r) for r in np.unique(candidates[candidates >= 0])
+            if int(ref_doc_keys[int(r)]) in own]
+    bad |= np.isin(candidates, same)
+  return bad
+
+
 def select_neighbors(sequence: np.ndarray, candidates: np.ndarray,
                      ref_tokens: Mapping[int, np.ndarray], settings: MiningSettings, *,
                      sequence_doc_keys: np.ndarray | None = None,
@@ -111,25 +130,10 @@ def select_neighbors(sequence: np.ndarray, candidates: np.ndarray,
 
   Returns int32 [C, K], -1 where fewer than K candidates survive.
   """
-  K = settings.neighbors_per_chunk
-  t = np.asarray(sequence)
-  t = t[t != settings.pad_id]
-  uniq = np.unique(candidates[candidates >= 0])
-  rejected: set[int] = set()
-  if len(uniq):
-    over = overlap_lib.exceeds_many(t, [ref_tokens[int(r)] for r in uniq],
-                                    settings.overlap_threshold)
-    rejected = {int(r) for r in uniq[over]}
-  if settings.exclude_same_doc:
-    if sequence_doc_keys is None or ref_doc_keys is None:
-      raise ValueError("exclude_same_doc needs the sequence's and the references' doc keys")
-    own = {int(k) for k in np.asarray(sequence_doc_keys).reshape(-1) if k >= 0}
-    rejected |= {int(r) for r in uniq if int(ref_doc_keys[int(r)]) in own}
-  out = np.full((len(candidates), K), -1, dtype=np.int32)
-  for c, row in enumerate(candidates):
-    kept = [int(r) for r in row if r >= 0 and int(r) not in rejected][:K]
-    out[c, :len(kept)] = kept
-  return out
+  candidates = np.asarray(candidates, np.int64)
+  bad = _rejected(sequence, candidates, ref_tokens, settings, sequence_doc_keys, ref_doc_keys)
+  ids, _, _ = search_lib.keep_best(candidates, bad, settings.neighbors_per_chunk)
+  return ids.astype(np.int32)
 
 
 def mine_block(sequences: np.ndarray, *, decode: Callable[[list[np.ndarray]], list[str]],
@@ -141,35 +145,44 @@ def mine_block(sequences: np.ndarray, *, decode: Callable[[list[np.ndarray]], li
 
   `decode(list of token arrays) -> texts`; `ref_tokens(ids) -> token arrays`;
   `doc_keys` [S, C] (per chunk) and `ref_doc_keys(ids)` for exclude_same_doc.
+  The chunks go through the retrieval core (m3jax.retrieval.search), filtered
+  against their whole sequence.
   """
   seqs = np.asarray(sequences)
   if seqs.ndim != 2 or seqs.shape[1] % settings.chunk_length:
     raise ValueError(f"mine_block: sequences have shape {seqs.shape}; need [S, T] with T a "
                      f"multiple of chunk_length={settings.chunk_length}")
+  if settings.exclude_same_doc and (doc_keys is None or ref_doc_keys is None):
+    raise ValueError("data.exclude_same_doc needs doc keys of the sequences and references")
   S, T = seqs.shape
   C = T // settings.chunk_length
+  n = settings.candidates
   chunks = seqs.reshape(S * C, settings.chunk_length)
   skip = np.isin(chunks, np.asarray(settings.skip_ids))
   live = np.nonzero(~skip.all(axis=1))[0]
-  cands = np.full((S * C, settings.candidates), -1, dtype=np.int64)
+
+  def reject(live_cands: np.ndarray) -> np.ndarray:
+    cands = np.full((S * C, n), -1, dtype=np.int64)
+    cands[live] = live_cands
+    cands = cands.reshape(S, C, n)
+    uniq = np.unique(cands[cands >= 0])
+    toks = dict(zip(uniq.tolist(), ref_tokens(uniq))) if len(uniq) else {}
+    rdk = None
+    if settings.exclude_same_doc:
+      rdk = dict(zip(uniq.tolist(), np.asarray(ref_doc_keys(uniq)).tolist())) if len(uniq) \
+          else {}
+    bad = np.stack([_rejected(seqs[s], cands[s], toks, settings,
+                              None if doc_keys is None else doc_keys[s], rdk)
+                    for s in range(S)])
+    return bad.reshape(S * C, n)[live]
+
+  out = np.full((S * C, settings.neighbors_per_chunk), -1, dtype=np.int32)
   if len(live):
     texts = decode([chunks[i][chunks[i] != settings.pad_id] for i in live])
-    ids, _ = index.search(embedder.embed(texts), settings.candidates)
-    cands[live] = ids
-  cands = cands.reshape(S, C, settings.candidates)
-  uniq = np.unique(cands[cands >= 0])
-  toks = dict(zip(uniq.tolist(), ref_tokens(uniq))) if len(uniq) else {}
-  rdk = None
-  if settings.exclude_same_doc:
-    if doc_keys is None or ref_doc_keys is None:
-      raise ValueError("data.exclude_same_doc needs doc keys of the sequences and references")
-    rdk = dict(zip(uniq.tolist(), np.asarray(ref_doc_keys(uniq)).tolist())) if len(uniq) else {}
-  out = np.empty((S, C, settings.neighbors_per_chunk), dtype=np.int32)
-  for s in range(S):
-    out[s] = select_neighbors(seqs[s], cands[s], toks, settings,
-                              sequence_doc_keys=None if doc_keys is None else doc_keys[s],
-                              ref_doc_keys=rdk)
-  return out
+    ids, _, _ = search_lib.retrieve(embedder, index, texts, k=settings.neighbors_per_chunk,
+                                    fetch=n, reject=reject)
+    out[live] = ids
+  return out.reshape(S, C, settings.neighbors_per_chunk)
 
 
 # ---------------------------------------------------------------- the table on disk
