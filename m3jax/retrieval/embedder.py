@@ -66,14 +66,6 @@ class Embedder(abc.ABC):
     """Writes the embedder's settings and fitted state to `path` (.npz)."""
 
 
-def _digest(*parts: Any) -> str:
-  h = hashlib.sha256()
-  for p in parts:
-    h.update(p if isinstance(p, bytes) else json.dumps(p, sort_keys=True).encode())
-    h.update(b"\x00")
-  return h.hexdigest()[:16]
-
-
 def _batches(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
   batch: list[Any] = []
   for item in items:
@@ -323,7 +315,7 @@ class LexicalEmbedder(Embedder):
     if self._fingerprint is None:
       state = (hashlib.sha256(self.df.astype("<i8").tobytes()).hexdigest()
                if self.n_docs else "unfitted")
-      self._fingerprint = _digest(self.kind, STATE_VERSION, dataclasses.asdict(self.settings),
+      self._fingerprint = atomic_io.content_digest(self.kind, STATE_VERSION, dataclasses.asdict(self.settings),
                                   self.n_docs, state)
     return self._fingerprint
 
@@ -393,7 +385,7 @@ class ModelEmbedder(Embedder):
     self.encode = encode
     self.tokenizer_hash = tokenizer_hash
     self.params = params
-    self.params_id = params_id or params_digest(params)
+    self.params_id = params_id or atomic_io.params_fingerprint(params)
     self.mean = np.zeros(model_config.d_model, dtype=np.float32)
     self._fingerprint: str | None = None
     self._pooled = _pooled_states_fn(model_config, layer)
@@ -452,7 +444,7 @@ class ModelEmbedder(Embedder):
 
   def fingerprint(self) -> str:
     if self._fingerprint is None:
-      self._fingerprint = _digest(
+      self._fingerprint = atomic_io.content_digest(
           self.kind, STATE_VERSION, self.model_config.fingerprint(), self.params_id,
           self.layer, self.max_len, self.tokenizer_hash,
           hashlib.sha256(self.mean.astype("<f4").tobytes()).hexdigest())
@@ -473,6 +465,12 @@ class ModelEmbedder(Embedder):
     saved = json.loads(str(z["settings"]))
     mine = dict(layer=self.layer, max_len=self.max_len, tokenizer_hash=self.tokenizer_hash,
                 params_id=self.params_id, model=self.model_config.fingerprint())
+    if saved.get("params_id") != self.params_id:
+      raise EmbedderError(
+          f"embedder state {path!r}: the model embedder fingerprint of its params is "
+          f"{saved.get('params_id')!r}, these params give {self.params_id!r} (other params, or "
+          "an index built before m3jax.core.artifacts.params_fingerprint); rebuild the index "
+          "with `m3jax build-index --overwrite`")
     for key, value in mine.items():
       if saved.get(key) != value:
         raise EmbedderError(f"embedder state {path!r} was fitted with {key}="
@@ -505,22 +503,6 @@ def _pooled_states_fn(model_config: Any, layer: int) -> Callable:
     return (h * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1.0)
 
   return jax.jit(pooled)
-
-
-def params_digest(params: Any, sample: int = 4096) -> str:
-  """Cheap identity of a parameter tree: paths, shapes, dtypes and strided samples.
-
-  Hashing every byte of a multi-GB tree is slow; a strided sample of each leaf
-  changes with any training step.
-  """
-  import jax
-  h = hashlib.sha256()
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    a = np.asarray(leaf).reshape(-1)
-    step = max(1, a.size // sample)
-    h.update(f"{jax.tree_util.keystr(path)}:{a.shape}:{a.dtype}".encode())
-    h.update(np.ascontiguousarray(a[::step]).astype("<f4").tobytes())
-  return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- factory

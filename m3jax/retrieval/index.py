@@ -24,7 +24,6 @@ directory and the field. `ShardedIndex` merges several such directories.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -33,6 +32,7 @@ from typing import Any, Sequence
 
 import numpy as np
 from data_pipeline import prepare
+from m3jax.core import artifacts as atomic_io
 from m3jax.core.progress import Progress
 from m3jax.retrieval import embedder as emb_lib
 
@@ -77,14 +77,6 @@ class IndexSettings:
     d["leaves_to_search"] = self.leaves_to_search or min(leaves, max(16, leaves // 8))
     d["training_sample_size"] = min(self.training_sample_size, count)
     return d
-
-
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 22), b""):
-      h.update(block)
-  return h.hexdigest()
 
 
 def _normalise_queries(queries: np.ndarray, dim: int, where: str) -> np.ndarray:
@@ -265,7 +257,7 @@ class Index:
       for name in sorted(names):
         full = os.path.join(root, name)
         rel = os.path.relpath(full, tmp)
-        files[rel] = {"bytes": os.path.getsize(full), "sha256": _sha256(full)}
+        files[rel] = {"bytes": os.path.getsize(full), "sha256": atomic_io.sha256_file(full)}
     manifest = dict(format=FORMAT, version=VERSION, count=self.count, dim=self.dim,
                     embedder_fingerprint=self.fingerprint, embedder_kind=self.embedder_kind,
                     settings=self.settings, source=self.source,
@@ -324,7 +316,7 @@ def load_index(path: str, *, embedder: Any = None, fingerprint: str | None = Non
     if os.path.getsize(full) != info["bytes"]:
       raise IndexDirError(f"index {path}: file {rel} has {os.path.getsize(full)} bytes, "
                           f"the manifest says {info['bytes']} (truncated or replaced)")
-    if verify and _sha256(full) != info["sha256"]:
+    if verify and atomic_io.sha256_file(full) != info["sha256"]:
       raise IndexDirError(f"index {path}: file {rel} does not match its sha256 in the manifest")
   if dim is not None and int(dim) != manifest["dim"]:
     raise IndexDirError(f"index {path} holds {manifest['dim']}-dim vectors; expected {dim} "

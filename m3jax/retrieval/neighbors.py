@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import hashlib
 import json
 import os
 from typing import Any, Callable, Mapping, Sequence
@@ -187,16 +186,20 @@ def mine_block(sequences: np.ndarray, *, decode: Callable[[list[np.ndarray]], li
 
 # ---------------------------------------------------------------- the table on disk
 
-def _matches(manifest: Mapping[str, Any], expect: Mapping[str, Any], prefix: str = "") -> list[str]:
-  """Fields of `expect` (nested) whose values differ in `manifest`."""
-  bad = []
-  for k, v in expect.items():
-    got = manifest.get(k) if isinstance(manifest, Mapping) else None
-    if isinstance(v, Mapping):
-      bad += _matches(got or {}, v, f"{prefix}{k}.")
-    elif got != v:
-      bad.append(f"{prefix}{k}: table has {got!r}, expected {v!r}")
-  return bad
+def _mismatches(manifest: Any, expect: Mapping[str, Any]) -> list[str]:
+  """Fields of `expect` (nested) whose values differ in `manifest`, as
+  'a.b: table value -> expected value' lines."""
+
+  def plain(want: Any) -> Any:
+    return {k: plain(v) for k, v in want.items()} if isinstance(want, Mapping) else want
+
+  def only_expected(got: Any, want: Any) -> Any:
+    if not isinstance(want, Mapping):
+      return got
+    got = got if isinstance(got, Mapping) else {}
+    return {k: only_expected(got.get(k), v) for k, v in want.items()}
+
+  return atomic_io.dict_diff(only_expected(manifest, expect), plain(expect))
 
 
 def table_manifest(*, n_sequences: int, seq_len: int, settings: MiningSettings,
@@ -312,9 +315,9 @@ class NeighborTable:
       raise NeighborTableError(f"{mpath} is not valid JSON: {e}") from e
     if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
       raise NeighborTableError(f"{mpath}: not a {FORMAT} v{VERSION} manifest")
-    bad = _matches(self.manifest, self._expect)
+    bad = _mismatches(self.manifest, self._expect)
     if bad:
-      raise NeighborTableError(f"neighbor table {self.path} does not match this run: "
+      raise NeighborTableError(f"neighbor table {self.path} does not match this run (table -> expected): "
                                + "; ".join(bad[:8]))
     m = self.manifest
     self._n, self._size = int(m["n_sequences"]), int(m["shard_size"])
@@ -365,14 +368,6 @@ class NeighborTable:
       a, b = max(lo, base) - base, min(hi, base + self._size) - base
       parts.append(np.asarray(self._shard(i)[a:b]))
     return np.concatenate(parts)
-
-
-def file_sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
 
 
 # ---------------------------------------------------------------- a prepared workdir
@@ -451,7 +446,7 @@ def mine_workdir(cfg: Any, workdir: str, *, split: str = "train", params_dir: st
   settings = MiningSettings.from_config(cfg, int(cfg.data.get("neighbor_shard_size", 1024)))
   inputs = dict(identity["inputs"],
                 index=dict(path=os.path.relpath(index_path, root), count=index.count,
-                           manifest_sha256=file_sha256(os.path.join(index_path, "manifest.json"))),
+                           manifest_sha256=atomic_io.sha256_file(os.path.join(index_path, "manifest.json"))),
                 embedder=embedder.fingerprint())
   inputs["corpus"]["n_sequences"] = len(packed)
 

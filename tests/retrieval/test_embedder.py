@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from m3jax.retrieval import embedder as emb_lib
+from m3jax.core import artifacts
 from m3jax.retrieval.embedder import EmbedderError, LexicalEmbedder, ModelEmbedder, load_embedder
 
 REFERENCES = [
@@ -184,8 +184,19 @@ def test_model_embedder_fit_state_round_trip(model_embedder, tmp_path):
     other_layer.load_state(path)
 
 
-def test_params_digest_changes_with_params(model_embedder):
+def test_params_id_is_the_params_fingerprint(model_embedder):
   params = model_embedder.params
   bumped = jax.tree.map(lambda a: a + 1e-3, params)
-  assert emb_lib.params_digest(params) == emb_lib.params_digest(params)
-  assert emb_lib.params_digest(params) != emb_lib.params_digest(bumped)
+  assert model_embedder.params_id == artifacts.params_fingerprint(params)
+  assert artifacts.params_fingerprint(params) != artifacts.params_fingerprint(bumped)
+
+
+def test_state_of_other_params_asks_for_an_index_rebuild(model_embedder, tmp_path):
+  # E.g. an index built before the params fingerprint was m3jax.core.artifacts'.
+  old = ModelEmbedder(model_embedder.model_config, model_embedder.params, _encode,
+                      batch_size=4, params_id="0123456789abcdef").fit(REFERENCES[:2])
+  path = str(tmp_path / "old.npz")
+  old.save(path)
+  with pytest.raises(EmbedderError, match="embedder fingerprint .*rebuild the index") as e:
+    load_embedder(path, model_config=old.model_config, params=old.params, encode=_encode)
+  assert "\n" not in str(e.value)
