@@ -40,6 +40,7 @@ from data_pipeline import prepare as prepare_lib
 from m3jax.bench import decode as bench_decode
 from m3jax.core import config as config_lib
 from m3jax.core import metrics as metrics_lib
+from m3jax.core import workspace
 from m3jax.core.config import model_config
 from m3jax.evaluation import evaluate as ev
 from m3jax.inference import session as inference
@@ -210,7 +211,7 @@ def _train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
 
 def _neighbor_stats(root: str, split: str) -> dict[str, Any]:
   """Share of chunks with a neighbor (how much memory the continual stage can read)."""
-  table = nb_lib.NeighborTable(nb_lib.neighbors_dir(root, split))
+  table = nb_lib.NeighborTable(workspace.neighbors_dir(root, split))
   rows = np.stack([np.asarray(table[i]).reshape(-1) for i in range(len(table))]) \
       if len(table) else np.zeros((0, 1), np.int64)
   return dict(sequences=int(len(table)), chunks=int(rows.size),
@@ -299,10 +300,10 @@ def run_demo(cfg: ml_collections.ConfigDict, workdir: str, *,
 
   def index_fn():
     idx = index_lib.build_reference_index(cfg, workdir)
-    return dict(path=index_lib.index_dir(cfg, workdir), count=int(idx.count))
+    return dict(path=workspace.index_dir(cfg, workdir), count=int(idx.count))
 
   runner.run("index", data_settings, index_fn,
-             lambda: os.path.isdir(index_lib.index_dir(cfg, workdir)))
+             lambda: os.path.isdir(workspace.index_dir(cfg, workdir)))
 
   def neighbors_fn():
     out = {}
@@ -312,7 +313,7 @@ def run_demo(cfg: ml_collections.ConfigDict, workdir: str, *,
     return out
 
   runner.run("neighbors", data_settings, neighbors_fn,
-             lambda: all(os.path.isdir(nb_lib.neighbors_dir(root, sp))
+             lambda: all(os.path.isdir(workspace.neighbors_dir(root, sp))
                          for sp in ("train", "validation")))
   runner.run("continual", _cfg_dict(cont_cfg), lambda: _train_stage(cont_cfg, cdir),
              lambda: _train_done(cont_cfg, cdir))

@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 from data_pipeline import prepare
 from m3jax.core import artifacts as atomic_io
+from m3jax.core import workspace
 from m3jax.core.progress import Progress
 from m3jax.retrieval import embedder as emb_lib
 
@@ -442,11 +443,6 @@ def measure_recall(index: Index | ShardedIndex, queries: np.ndarray, k: int,
 
 # ---------------------------------------------------------------- a prepared workdir
 
-def index_dir(cfg: Any, workdir: str) -> str:
-  """Default place of the reference index: `<data root>/index`."""
-  return os.path.join(prepare.data_root(cfg, workdir), "index")
-
-
 def build_reference_index(cfg: Any, workdir: str, *, params_dir: str | None = None,
                           out: str | None = None, overwrite: bool = False,
                           settings: IndexSettings | None = None, batch_size: int = 4096,
@@ -458,11 +454,11 @@ def build_reference_index(cfg: Any, workdir: str, *, params_dir: str | None = No
   is reused; one built from other inputs is refused unless `overwrite`.
   """
 
-  root = prepare.data_root(cfg, workdir)
+  root = workspace.data_root(cfg, workdir)
   manifest = prepare.load_manifest(root)
   refs = prepare.open_references(root)
   tok = prepare.open_tokenizer(root)
-  out = os.path.abspath(out or index_dir(cfg, workdir))
+  out = os.path.abspath(out or workspace.index_dir(cfg, workdir))
   emb = emb_lib.make_embedder(cfg, params_dir=params_dir, tokenizer=tok)
   settings = settings or IndexSettings()
   source = dict(references=dict(settings_hash=manifest["stages"]["references"]["settings_hash"],

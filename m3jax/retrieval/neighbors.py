@@ -36,6 +36,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from m3jax.core import artifacts as atomic_io
+from m3jax.core import workspace
 from data_pipeline import prepare
 from data_pipeline import tfds_builders
 from m3jax.core.progress import Progress
@@ -390,11 +391,6 @@ class PackedColumn:
         np.zeros((0,), self.dtype)
 
 
-def neighbors_dir(root: str, split: str = "train") -> str:
-  """Default place of a split's neighbor table: `<data root>/neighbors/<split>`."""
-  return os.path.join(root, "neighbors", split)
-
-
 def expected_identity(cfg: Any, root: str, split: str = "train") -> dict[str, Any]:
   """Manifest fields a neighbor table of this data root, split and config must carry:
   everything a trainer can check without opening the index (`NeighborTable(expect=)`)."""
@@ -412,9 +408,9 @@ def expected_identity(cfg: Any, root: str, split: str = "train") -> dict[str, An
 
 def open_neighbor_table(cfg: Any, root: str, split: str = "train",
                         path: str | None = None) -> NeighborTable:
-  """The finished neighbor table of a data root (`prepare.data_root`), checked against
+  """The finished neighbor table of a data root (`workspace.data_root`), checked against
   its corpus, references, tokenizer and the config's mining settings."""
-  return NeighborTable(path or neighbors_dir(root, split),
+  return NeighborTable(path or workspace.neighbors_dir(root, split),
                        expect=expected_identity(cfg, root, split))
 
 
@@ -425,10 +421,10 @@ def mine_workdir(cfg: Any, workdir: str, *, split: str = "train", params_dir: st
                  progress_every_s: float | None = 30.0) -> dict[str, Any]:
   """Mines the neighbor table of a prepared workdir (after `m3jax build-index`)."""
 
-  root = prepare.data_root(cfg, workdir)
+  root = workspace.data_root(cfg, workdir)
   tok = prepare.open_tokenizer(root)
   refs = prepare.open_references(root)
-  index_path = os.path.abspath(index_path or index_lib.index_dir(cfg, workdir))
+  index_path = os.path.abspath(index_path or workspace.index_dir(cfg, workdir))
   if not os.path.isdir(index_path):
     raise index_lib.IndexDirError(f"index {index_path} not found: run `m3jax build-index` "
                                   "for this workdir first (or pass --index)")
@@ -455,7 +451,7 @@ def mine_workdir(cfg: Any, workdir: str, *, split: str = "train", params_dir: st
     return [toks[i, :lens[i]] for i in range(len(ids))]
 
   return mine_neighbors(
-      out or neighbors_dir(root, split),
+      out or workspace.neighbors_dir(root, split),
       sequences=PackedColumn(packed, "tokens", np.int32), decode=tok.decode_batch,
       embedder=embedder, index=index, ref_tokens=ref_tokens, settings=settings, inputs=inputs,
       doc_keys=(PackedColumn(packed, "chunk_doc_keys", np.int64)

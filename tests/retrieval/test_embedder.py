@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from m3jax.core import artifacts
+from m3jax.core.config import model_config
+from m3jax.model import transformer as model_lib
 from m3jax.retrieval.embedder import EmbedderError, LexicalEmbedder, ModelEmbedder, load_embedder
 
 REFERENCES = [
@@ -126,7 +128,6 @@ def _encode(text):
 
 def _random_params(mc, seed=0):
   """Parameters of the right tree and shapes, drawn in numpy (skips a slow eager init)."""
-  from m3jax.model import transformer as model_lib
   shapes = jax.eval_shape(lambda: model_lib.init_params(mc, jax.random.PRNGKey(0)))
   rng = np.random.default_rng(seed)
 
@@ -140,7 +141,6 @@ def _random_params(mc, seed=0):
 
 @pytest.fixture(scope="module")
 def model_embedder(tiny_config):
-  from m3jax.core.config import model_config
   mc = model_config(tiny_config)
   return ModelEmbedder(mc, _random_params(mc), _encode, batch_size=4)
 

@@ -2,11 +2,19 @@
 
 import os
 
+import jax
 import numpy as np
 import pytest
 
-from m3jax.retrieval import neighbors as nb
+from data_pipeline import prepare
+from data_pipeline import tfds_builders
+from m3jax.core import workspace
+from m3jax.core.config import apply_override, model_config
+from m3jax.model import params_io
+from m3jax.model import transformer as model_lib
 from m3jax.retrieval import index as ix
+from m3jax.retrieval import neighbors as nb
+from m3jax.retrieval import overlap as ov
 from m3jax.retrieval.embedder import LexicalEmbedder
 
 CHUNK = 16
@@ -206,13 +214,9 @@ def test_embedder_must_match_the_index(world, tmp_path):
 # ---------------------------------------------------------------- a prepared workdir
 
 def test_workdir_index_and_mining_end_to_end(tiny_prepared, tmp_path):
-  from data_pipeline import prepare
-  from data_pipeline import tfds_builders
-  from m3jax.retrieval import overlap as ov
-  from m3jax.core.config import apply_override
 
   cfg, workdir = tiny_prepared
-  root = prepare.data_root(cfg, str(workdir))
+  root = workspace.data_root(cfg, str(workdir))
   refs = prepare.open_references(root)
   idx_dir, out = str(tmp_path / "index"), str(tmp_path / "neighbors")
   index = ix.build_reference_index(cfg, str(workdir), out=idx_dir, progress_every_s=None)
@@ -246,11 +250,6 @@ def test_workdir_index_and_mining_end_to_end(tiny_prepared, tmp_path):
 
 
 def test_model_embedder_index_and_mining(tiny_prepared, tmp_path):
-  import jax
-  from data_pipeline import prepare
-  from m3jax.model import transformer as model_lib
-  from m3jax.model import params_io
-  from m3jax.core.config import apply_override, model_config
 
   cfg, workdir = tiny_prepared
   cfg = cfg.copy_and_resolve_references()
@@ -273,5 +272,5 @@ def test_model_embedder_index_and_mining(tiny_prepared, tmp_path):
     nb.mine_workdir(cfg, str(workdir), index_path=idx_dir, out=out, progress_every_s=None)
   nb.mine_workdir(cfg, str(workdir), params_dir=params_dir, index_path=idx_dir, out=out,
                   progress_every_s=None)
-  table = nb.open_neighbor_table(cfg, prepare.data_root(cfg, str(workdir)), path=out)
+  table = nb.open_neighbor_table(cfg, workspace.data_root(cfg, str(workdir)), path=out)
   assert (table.rows(0, len(table)) >= 0).mean() > 0.9
