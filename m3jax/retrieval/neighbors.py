@@ -6,28 +6,19 @@ references, drop any reference whose eq. 6 overlap with the WHOLE training
 sequence exceeds `data.train_overlap_threshold` (0.9; the paper's anti-copying
 rule), optionally drop references from a document of the sequence
 (`data.exclude_same_doc`), and keep the best `data.neighbors_per_chunk` (1).
-An all-padding chunk gets none. The result is the neighbor table: int32
-[n_sequences, C] (or [n, C, K] for K > 1 neighbors), -1 = none.
-
-On disk (a directory, by default `<data>/neighbors/<split>/`):
-
-    manifest.json          format, version, n_sequences, seq_len, chunks per sequence,
-                           neighbors per chunk, shard_size, n_shards, the mining
-                           settings and the identity of every input (corpus,
-                           references, index, embedder fingerprint, tokenizer hash)
-    neighbors-00000.npy    int32 rows [shard_size * i, shard_size * (i + 1)) ...
+An all-padding chunk gets none. The embed -> search -> filter -> top-k sequence
+is the retrieval core (m3jax.retrieval.search). The result is the neighbor
+table (format and reader: m3jax.retrieval.neighbor_table).
 
 Every shard is written to a temporary file and renamed, so an existing shard is
 always complete. A rerun with the same inputs skips finished shards and, because
 every step is deterministic, writes byte-identical files; a rerun with other
 inputs is refused. Several processes split the shards (shard i goes to process
-i mod process_count). `NeighborTable` reads the table and refuses one whose
-manifest does not match what the reader expects.
+i mod process_count).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import json
 import os
@@ -35,66 +26,16 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from m3jax.core import artifacts as atomic_io
-from m3jax.core import workspace
 from data_pipeline import prepare
 from data_pipeline import tfds_builders
+from m3jax.core import artifacts as atomic_io
+from m3jax.core import workspace
 from m3jax.core.progress import Progress
 from m3jax.retrieval import index as index_lib
+from m3jax.retrieval import neighbor_table as table_lib
+from m3jax.retrieval import reference_index
 from m3jax.retrieval import search as search_lib
-
-FORMAT = "m3jax-neighbors"
-VERSION = 1
-MANIFEST = "manifest.json"
-
-
-class NeighborTableError(ValueError):
-  """A missing, incomplete or mismatched neighbor table; the message names it."""
-
-
-def shard_name(i: int) -> str:
-  return f"neighbors-{i:05d}.npy"
-
-
-@dataclasses.dataclass(frozen=True)
-class MiningSettings:
-  """What decides the table's contents (recorded in and checked against the manifest)."""
-  chunk_length: int
-  candidates: int = 10
-  neighbors_per_chunk: int = 1
-  overlap_threshold: float = 0.9
-  exclude_same_doc: bool = False
-  shard_size: int = 1024
-  skip_ids: tuple[int, ...] = (0, 2, 3)  # pad, bos, eos: a chunk of only these is empty
-  pad_id: int = 0
-
-  def check(self) -> None:
-    for name in ("chunk_length", "candidates", "neighbors_per_chunk", "shard_size"):
-      if getattr(self, name) <= 0:
-        raise ValueError(f"neighbor mining: {name} must be positive, got {getattr(self, name)}")
-    if self.neighbors_per_chunk > self.candidates:
-      raise ValueError(f"data.neighbors_per_chunk={self.neighbors_per_chunk} exceeds "
-                       f"data.neighbor_candidates={self.candidates}")
-    if not 0.0 <= self.overlap_threshold <= 1.0:
-      raise ValueError(f"data.train_overlap_threshold={self.overlap_threshold} is not in [0, 1]")
-
-  @classmethod
-  def from_config(cls, cfg: Any, shard_size: int = 1024) -> "MiningSettings":
-    m, d = cfg.model, cfg.data
-    return cls(chunk_length=int(m.chunk_length), candidates=int(d.neighbor_candidates),
-               neighbors_per_chunk=int(d.neighbors_per_chunk),
-               overlap_threshold=float(d.train_overlap_threshold),
-               exclude_same_doc=bool(d.exclude_same_doc), shard_size=int(shard_size),
-               skip_ids=tuple(sorted({int(m.pad_id), int(m.bos_id), int(m.eos_id)})),
-               pad_id=int(m.pad_id))
-
-  def to_json(self) -> dict[str, Any]:
-    d = dataclasses.asdict(self)
-    d["skip_ids"] = list(self.skip_ids)
-    return d
-
-
-# ---------------------------------------------------------------- selection
+from m3jax.retrieval.neighbor_table import MiningSettings, NeighborTableError
 
 def _rejected(sequence: np.ndarray, candidates: np.ndarray, ref_tokens: Mapping[int, np.ndarray],
               settings: MiningSettings, sequence_doc_keys: np.ndarray | None,
@@ -185,36 +126,6 @@ def mine_block(sequences: np.ndarray, *, decode: Callable[[list[np.ndarray]], li
   return out.reshape(S, C, settings.neighbors_per_chunk)
 
 
-# ---------------------------------------------------------------- the table on disk
-
-def _mismatches(manifest: Any, expect: Mapping[str, Any]) -> list[str]:
-  """Fields of `expect` (nested) whose values differ in `manifest`, as
-  'a.b: table value -> expected value' lines."""
-
-  def plain(want: Any) -> Any:
-    return {k: plain(v) for k, v in want.items()} if isinstance(want, Mapping) else want
-
-  def only_expected(got: Any, want: Any) -> Any:
-    if not isinstance(want, Mapping):
-      return got
-    got = got if isinstance(got, Mapping) else {}
-    return {k: only_expected(got.get(k), v) for k, v in want.items()}
-
-  return atomic_io.dict_diff(only_expected(manifest, expect), plain(expect))
-
-
-def table_manifest(*, n_sequences: int, seq_len: int, settings: MiningSettings,
-                   inputs: Mapping[str, Any]) -> dict[str, Any]:
-  """The manifest a table with these inputs and settings carries (deterministic)."""
-  C = seq_len // settings.chunk_length
-  n_shards = -(-n_sequences // settings.shard_size)
-  return dict(format=FORMAT, version=VERSION, n_sequences=int(n_sequences),
-              seq_len=int(seq_len), chunks_per_sequence=C,
-              neighbors_per_chunk=settings.neighbors_per_chunk,
-              shard_size=settings.shard_size, n_shards=n_shards, dtype="int32",
-              settings=settings.to_json(), inputs=json.loads(json.dumps(dict(inputs))))
-
-
 def mine_neighbors(out_dir: str, *, sequences: Any, decode: Callable[[list[np.ndarray]], list[str]],
                    embedder: Any, index: Any,
                    ref_tokens: Callable[[np.ndarray], Sequence[np.ndarray]],
@@ -251,9 +162,9 @@ def mine_neighbors(out_dir: str, *, sequences: Any, decode: Callable[[list[np.nd
                      f"{settings.chunk_length} (model.chunk_length)")
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-  manifest = table_manifest(n_sequences=n, seq_len=T, settings=settings, inputs=inputs)
+  manifest = table_lib.table_manifest(n_sequences=n, seq_len=T, settings=settings, inputs=inputs)
   os.makedirs(out_dir, exist_ok=True)
-  mpath = os.path.join(out_dir, MANIFEST)
+  mpath = os.path.join(out_dir, table_lib.MANIFEST)
   if os.path.exists(mpath):
     with open(mpath) as f:
       old = json.load(f)
@@ -268,7 +179,7 @@ def mine_neighbors(out_dir: str, *, sequences: Any, decode: Callable[[list[np.nd
     if stale.endswith(f".tmp-{os.getpid()}") or process_count == 1:
       os.remove(stale)
   mine = [i for i in range(manifest["n_shards"]) if i % process_count == process_index]
-  todo = [i for i in mine if not os.path.exists(os.path.join(out_dir, shard_name(i)))]
+  todo = [i for i in mine if not os.path.exists(os.path.join(out_dir, table_lib.shard_name(i)))]
   progress = None
   if progress_every_s is not None:
     progress = Progress(sum(min(n, (i + 1) * settings.shard_size) - i * settings.shard_size
@@ -285,7 +196,7 @@ def mine_neighbors(out_dir: str, *, sequences: Any, decode: Callable[[list[np.nd
                       ref_doc_keys=ref_doc_keys)
     if settings.neighbors_per_chunk == 1:
       rows = rows[..., 0]
-    atomic_io.save_npy(os.path.join(out_dir, shard_name(i)), np.ascontiguousarray(rows))
+    atomic_io.save_npy(os.path.join(out_dir, table_lib.shard_name(i)), np.ascontiguousarray(rows))
     written += 1
     if progress is not None:
       progress.update(hi - lo)
@@ -293,85 +204,6 @@ def mine_neighbors(out_dir: str, *, sequences: Any, decode: Callable[[list[np.nd
     progress.close()
   return manifest
 
-
-class NeighborTable:
-  """Read access to a finished neighbor table: `table[seq_index] -> int32 [C]` ([C, K]).
-
-  `expect` is a (nested) dict of manifest fields that must match, e.g.
-  `{"n_sequences": 1000, "inputs": {"corpus": {...}}, "settings": {...}}`.
-  Pickles by path (grain workers).
-  """
-
-  def __init__(self, path: str, expect: Mapping[str, Any] | None = None):
-    self.path = os.path.abspath(path)
-    self._expect = dict(expect or {})
-    mpath = os.path.join(self.path, MANIFEST)
-    if not os.path.isfile(mpath):
-      raise NeighborTableError(f"{mpath} not found: {self.path} holds no neighbor table "
-                               "(run `m3jax mine-neighbors`)")
-    try:
-      with open(mpath) as f:
-        self.manifest = json.load(f)
-    except (OSError, ValueError) as e:
-      raise NeighborTableError(f"{mpath} is not valid JSON: {e}") from e
-    if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
-      raise NeighborTableError(f"{mpath}: not a {FORMAT} v{VERSION} manifest")
-    bad = _mismatches(self.manifest, self._expect)
-    if bad:
-      raise NeighborTableError(f"neighbor table {self.path} does not match this run (table -> expected): "
-                               + "; ".join(bad[:8]))
-    m = self.manifest
-    self._n, self._size = int(m["n_sequences"]), int(m["shard_size"])
-    K = int(m["neighbors_per_chunk"])
-    self.row_shape = (int(m["chunks_per_sequence"]),) + ((K,) if K > 1 else ())
-    missing = [shard_name(i) for i in range(int(m["n_shards"]))
-               if not os.path.isfile(os.path.join(self.path, shard_name(i)))]
-    if missing:
-      raise NeighborTableError(
-          f"neighbor table {self.path} is incomplete: {len(missing)} of {m['n_shards']} "
-          f"shards missing ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); "
-          "rerun `m3jax mine-neighbors` to finish it")
-    self._shards: dict[int, np.ndarray] = {}
-
-  def __getstate__(self):
-    return dict(path=self.path, expect=self._expect)
-
-  def __setstate__(self, state):
-    self.__init__(state["path"], state["expect"])
-
-  def __len__(self) -> int:
-    return self._n
-
-  def _shard(self, i: int) -> np.ndarray:
-    arr = self._shards.get(i)
-    if arr is None:
-      path = os.path.join(self.path, shard_name(i))
-      arr = np.load(path, mmap_mode="r", allow_pickle=False)
-      rows = min(self._n, (i + 1) * self._size) - i * self._size
-      if arr.dtype != np.int32 or arr.shape != (rows,) + self.row_shape:
-        raise NeighborTableError(f"{path}: array {arr.dtype}{list(arr.shape)}, expected "
-                                 f"int32{[rows, *self.row_shape]}")
-      self._shards[i] = arr
-    return arr
-
-  def __getitem__(self, seq_index: int) -> np.ndarray:
-    i = int(seq_index)
-    if not 0 <= i < self._n:
-      raise IndexError(f"sequence {i} out of range [0, {self._n}) in {self.path}")
-    return np.array(self._shard(i // self._size)[i % self._size])
-
-  def rows(self, lo: int, hi: int) -> np.ndarray:
-    """Rows [lo, hi) as one array."""
-    lo, hi = max(0, lo), min(self._n, hi)
-    parts = [np.zeros((0,) + self.row_shape, np.int32)]
-    for i in range(lo // self._size, -(-hi // self._size)):
-      base = i * self._size
-      a, b = max(lo, base) - base, min(hi, base + self._size) - base
-      parts.append(np.asarray(self._shard(i)[a:b]))
-    return np.concatenate(parts)
-
-
-# ---------------------------------------------------------------- a prepared workdir
 
 class PackedColumn:
   """One field of a packed split as an [N, ...] array-like: len() and [lo:hi]."""
@@ -391,29 +223,6 @@ class PackedColumn:
         np.zeros((0,), self.dtype)
 
 
-def expected_identity(cfg: Any, root: str, split: str = "train") -> dict[str, Any]:
-  """Manifest fields a neighbor table of this data root, split and config must carry:
-  everything a trainer can check without opening the index (`NeighborTable(expect=)`)."""
-  manifest = prepare.load_manifest(root)
-  stages = manifest["stages"]
-  settings = MiningSettings.from_config(cfg, int(cfg.data.get("neighbor_shard_size", 1024)))
-  return dict(
-      inputs=dict(
-          corpus=dict(dataset=manifest["datasets"]["packed"]["path"], split=split,
-                      settings_hash=stages["packed"]["settings_hash"]),
-          references=dict(settings_hash=stages["references"]["settings_hash"]),
-          tokenizer=manifest["tokenizer"]["hash"]),
-      settings={k: v for k, v in settings.to_json().items() if k != "shard_size"})
-
-
-def open_neighbor_table(cfg: Any, root: str, split: str = "train",
-                        path: str | None = None) -> NeighborTable:
-  """The finished neighbor table of a data root (`workspace.data_root`), checked against
-  its corpus, references, tokenizer and the config's mining settings."""
-  return NeighborTable(path or workspace.neighbors_dir(root, split),
-                       expect=expected_identity(cfg, root, split))
-
-
 def mine_workdir(cfg: Any, workdir: str, *, split: str = "train", params_dir: str | None = None,
                  index_path: str | None = None, out: str | None = None,
                  process_index: int = 0, process_count: int = 1,
@@ -428,9 +237,9 @@ def mine_workdir(cfg: Any, workdir: str, *, split: str = "train", params_dir: st
   if not os.path.isdir(index_path):
     raise index_lib.IndexDirError(f"index {index_path} not found: run `m3jax build-index` "
                                   "for this workdir first (or pass --index)")
-  index, embedder = index_lib.load_reference_index(index_path, params_dir=params_dir,
+  index, embedder = reference_index.load_reference_index(index_path, params_dir=params_dir,
                                                    tokenizer=tok)
-  identity = expected_identity(cfg, root, split)
+  identity = table_lib.expected_identity(cfg, root, split)
   src = index.source
   want_refs = identity["inputs"]["references"]["settings_hash"]
   if src.get("references", {}).get("settings_hash") != want_refs or \

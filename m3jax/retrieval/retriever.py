@@ -19,7 +19,7 @@ from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
-from m3jax.retrieval import embedder as embedder_lib
+from m3jax.retrieval import embedder_factory
 from m3jax.retrieval import index as index_lib
 from m3jax.retrieval import search as search_lib
 
@@ -32,7 +32,8 @@ class Retrieval(NamedTuple):
 
 
 class Searcher(Protocol):
-  """What the retriever needs from an index (m3jax.retrieval.index.Index / ShardedIndex)."""
+  """What the retriever needs from an index (m3jax.retrieval.index.Index,
+  m3jax.retrieval.sharded_index.ShardedIndex)."""
 
   def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     ...
@@ -148,8 +149,8 @@ def load_retriever(index_dir: str, *, k: int, references: TokenSource | None = N
     if not os.path.isfile(state):
       raise FileNotFoundError(f"{state} not found: the index at {index_dir} was saved without "
                               "its embedder; pass the embedder explicitly")
-    embedder = embedder_lib.load_embedder(state, model_config=model_config, params=params,
-                                          encode=tokenize, tokenizer_hash=tokenizer_hash)
+    embedder = embedder_factory.load_embedder(state, model_config=model_config, params=params,
+                                              encode=tokenize, tokenizer_hash=tokenizer_hash)
   index = index_lib.load_index(index_dir, embedder=embedder)
   return Retriever(embedder, index, k=k, references=references, tokenize=tokenize,
                    overlap_threshold=overlap_threshold)

@@ -37,7 +37,7 @@ from m3jax.training import step as step_lib
 from m3jax.model.transformer import Transformer
 from data_pipeline import loader as loader_lib
 from data_pipeline import prepare
-from m3jax.retrieval import neighbors as neighbors_lib
+from m3jax.retrieval import neighbor_table
 
 CONFIG_FILE = "config.json"
 
@@ -154,9 +154,9 @@ def memory_inputs(cfg, root: str, split: str) -> tuple[Any, Any] | None:
   mining settings, so a stale table is refused rather than silently used.
   """
   path = workspace.neighbors_dir(root, split)
-  if not os.path.exists(os.path.join(path, neighbors_lib.MANIFEST)):
+  if not os.path.exists(os.path.join(path, neighbor_table.MANIFEST)):
     return None
-  return neighbors_lib.open_neighbor_table(cfg, root, split), prepare.open_references(root)
+  return neighbor_table.open_neighbor_table(cfg, root, split), prepare.open_references(root)
 
 
 def make_train_loader(ctx: RunContext, root: str):

@@ -11,7 +11,10 @@ import pytest
 from m3jax.core import artifacts
 from m3jax.core.config import model_config
 from m3jax.model import transformer as model_lib
-from m3jax.retrieval.embedder import EmbedderError, LexicalEmbedder, ModelEmbedder, load_embedder
+from m3jax.retrieval.embedder import EmbedderError
+from m3jax.retrieval.embedder_factory import load_embedder
+from m3jax.retrieval.lexical_embedder import LexicalEmbedder
+from m3jax.retrieval.model_embedder import ModelEmbedder
 
 REFERENCES = [
     "Marie Curie was a physicist and chemist who conducted pioneering research on radioactivity.",
@@ -40,7 +43,7 @@ def test_lexical_vectors_are_normalised_and_sized():
 
 def test_lexical_is_deterministic_across_processes(tmp_path):
   # Python's str hash is salted per process; the embedder must not depend on it.
-  code = ("import numpy as np, sys; from m3jax.retrieval.embedder import LexicalEmbedder; "
+  code = ("import numpy as np, sys; from m3jax.retrieval.lexical_embedder import LexicalEmbedder; "
           f"e = LexicalEmbedder(dim=32).fit({REFERENCES!r}); "
           f"np.save(sys.argv[1], e.embed({REFERENCES[:3]!r})); print(e.fingerprint())")
   outs = []
