@@ -149,7 +149,7 @@ class Index:
   def build(cls, vectors: np.ndarray, ids: np.ndarray | None = None, *, fingerprint: str,
             settings: IndexSettings | None = None, embedder_kind: str = "") -> "Index":
     """Builds an index over L2-normalised float32 `vectors` [n, dim] with `ids` [n]."""
-    from scann.scann_ops.py import scann_ops_pybind
+    from scann.scann_ops.py import scann_ops_pybind  # heavy native library, loaded on use
 
     vectors = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
     if vectors.ndim != 2 or vectors.shape[0] == 0 or vectors.shape[1] == 0:
@@ -306,7 +306,7 @@ def load_index(path: str, *, embedder: Any = None, fingerprint: str | None = Non
   `embedder` (or `fingerprint`) and `dim` are checked against the manifest;
   `verify=True` also re-hashes every file (sizes are always checked).
   """
-  from scann.scann_ops.py import scann_ops_pybind
+  from scann.scann_ops.py import scann_ops_pybind  # heavy native library, loaded on use
 
   path = os.path.abspath(path)
   manifest = read_manifest(path)

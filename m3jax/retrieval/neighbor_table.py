@@ -132,8 +132,8 @@ class NeighborTable:
       raise NeighborTableError(f"{mpath}: not a {FORMAT} v{VERSION} manifest")
     bad = _mismatches(self.manifest, self._expect)
     if bad:
-      raise NeighborTableError(f"neighbor table {self.path} does not match this run (table -> expected): "
-                               + "; ".join(bad[:8]))
+      raise NeighborTableError(f"neighbor table {self.path} does not match this run "
+                               "(table -> expected): " + "; ".join(bad[:8]))
     m = self.manifest
     self._n, self._size = int(m["n_sequences"]), int(m["shard_size"])
     K = int(m["neighbors_per_chunk"])

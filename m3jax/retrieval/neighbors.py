@@ -249,9 +249,10 @@ def mine_workdir(cfg: Any, workdir: str, *, split: str = "train", params_dir: st
         f"{root} has now; rerun `m3jax build-index --overwrite`")
   packed = tfds_builders.open_split(prepare.dataset_path(root, "packed"), split)
   settings = MiningSettings.from_config(cfg, int(cfg.data.get("neighbor_shard_size", 1024)))
+  index_manifest = os.path.join(index_path, index_lib.MANIFEST)
   inputs = dict(identity["inputs"],
                 index=dict(path=os.path.relpath(index_path, root), count=index.count,
-                           manifest_sha256=atomic_io.sha256_file(os.path.join(index_path, "manifest.json"))),
+                           manifest_sha256=atomic_io.sha256_file(index_manifest)),
                 embedder=embedder.fingerprint())
   inputs["corpus"]["n_sequences"] = len(packed)
 

@@ -216,14 +216,15 @@ def test_embedder_must_match_the_index(world, tmp_path):
 # ---------------------------------------------------------------- a prepared workdir
 
 def test_workdir_index_and_mining_end_to_end(tiny_prepared, tmp_path):
-
   cfg, workdir = tiny_prepared
   root = workspace.data_root(cfg, str(workdir))
   refs = prepare.open_references(root)
   idx_dir, out = str(tmp_path / "index"), str(tmp_path / "neighbors")
-  index = reference_index.build_reference_index(cfg, str(workdir), out=idx_dir, progress_every_s=None)
+  index = reference_index.build_reference_index(cfg, str(workdir), out=idx_dir,
+                                                progress_every_s=None)
   assert index.count == len(refs) and index.dim == cfg.data.embed_dim
-  again = reference_index.build_reference_index(cfg, str(workdir), out=idx_dir, progress_every_s=None)
+  again = reference_index.build_reference_index(cfg, str(workdir), out=idx_dir,
+                                                progress_every_s=None)
   assert again.fingerprint == index.fingerprint  # reused, not rebuilt
   other = cfg.copy_and_resolve_references()
   apply_override(other, "data.embed_dim", "32")
@@ -252,7 +253,6 @@ def test_workdir_index_and_mining_end_to_end(tiny_prepared, tmp_path):
 
 
 def test_model_embedder_index_and_mining(tiny_prepared, tmp_path):
-
   cfg, workdir = tiny_prepared
   cfg = cfg.copy_and_resolve_references()
   apply_override(cfg, "data.embedder", "model")
@@ -267,8 +267,8 @@ def test_model_embedder_index_and_mining(tiny_prepared, tmp_path):
   params_io.save_params(params_dir, params, cfg)
 
   idx_dir, out = str(tmp_path / "index"), str(tmp_path / "neighbors")
-  index = reference_index.build_reference_index(cfg, str(workdir), params_dir=params_dir, out=idx_dir,
-                                   progress_every_s=None)
+  index = reference_index.build_reference_index(cfg, str(workdir), params_dir=params_dir,
+                                                out=idx_dir, progress_every_s=None)
   assert index.embedder_kind == "model" and index.dim == mc.d_model
   with pytest.raises(ix.IndexDirError, match="--params"):
     nb.mine_workdir(cfg, str(workdir), index_path=idx_dir, out=out, progress_every_s=None)
