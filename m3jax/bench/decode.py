@@ -43,7 +43,7 @@ from m3jax.retrieval.retriever import Retrieval, Retriever
 from m3jax.memory import bank as bank_lib
 from m3jax.memory import encode_job
 from m3jax.memory.source import ArrayReferenceStore
-from m3jax.retrieval import embedder as emb_lib
+from m3jax.retrieval.lexical_embedder import LexicalEmbedder
 from m3jax.retrieval import index as index_lib
 
 MODES = ("none", "explicit", "rag")
@@ -136,7 +136,7 @@ def run(cfg: Any, *, batch: int = 32, prompt_len: int = 128, new_tokens: int = 1
   store = ArrayReferenceStore.random(n_refs, mc.reference_length, mc.vocab_size, seed=seed,
                                      min_length=mc.reference_length)
   texts = [_words(t) for t in store.tokens]
-  embedder = emb_lib.LexicalEmbedder(dim=int(cfg.data.embed_dim)).fit(texts)
+  embedder = LexicalEmbedder(dim=int(cfg.data.embed_dim)).fit(texts)
   index = index_lib.build_index(embedder.embed(texts), fingerprint=embedder.fingerprint())
   retriever = Retriever(embedder, index, k=M, overlap_threshold=None)
 

@@ -23,6 +23,7 @@ from m3jax import commands
 from m3jax.core import config as config_lib
 from m3jax.retrieval import embedder as emb_lib
 from m3jax.retrieval import index as index_lib
+from m3jax.retrieval import reference_index
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -39,7 +40,7 @@ def main(argv: list[str]) -> None:
   commands.check_args(argv, _CONFIG, _WORKDIR)
   cfg = config_lib.validate(_CONFIG.value)
   try:
-    index = index_lib.build_reference_index(
+    index = reference_index.build_reference_index(
         cfg, _WORKDIR.value, params_dir=_PARAMS.value, out=_OUT.value,
         overwrite=_OVERWRITE.value,
         settings=index_lib.IndexSettings(brute_force_below=_BRUTE_FORCE_BELOW.value))

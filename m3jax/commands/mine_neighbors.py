@@ -24,6 +24,7 @@ from m3jax import commands
 from m3jax.core import config as config_lib
 from m3jax.retrieval import embedder as emb_lib
 from m3jax.retrieval import index as index_lib
+from m3jax.retrieval import neighbor_table
 from m3jax.retrieval import neighbors
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -55,7 +56,7 @@ def main(argv: list[str]) -> None:
         index_path=_INDEX.value, out=_OUT.value, process_index=_PROCESS_INDEX.value,
         process_count=_PROCESS_COUNT.value, max_shards=_MAX_SHARDS.value)
   except (config_lib.ConfigError, index_lib.IndexDirError, emb_lib.EmbedderError,
-          neighbors.NeighborTableError, FileNotFoundError, ValueError) as e:
+          neighbor_table.NeighborTableError, FileNotFoundError, ValueError) as e:
     print(f"m3jax mine-neighbors: error: {e}", file=sys.stderr)
     sys.exit(1)
   print(json.dumps(dict(sequences=manifest["n_sequences"], shards=manifest["n_shards"],

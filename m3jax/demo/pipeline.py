@@ -8,7 +8,7 @@ resume by themselves too):
 
   prepare    data_pipeline.prepare.prepare_data        <workdir>/data
   warmup     m3jax.training.loop.train (stage warmup)          <workdir>/warmup
-  index      m3jax.retrieval.index.build_reference_index         <workdir>/data/index
+  index      m3jax.retrieval.reference_index.build_reference_index        <workdir>/data/index
   neighbors  m3jax.retrieval.neighbors.mine_workdir       <workdir>/data/neighbors/{train,validation}
   continual  m3jax.training.loop.train (stage continual, init_from = the warmup workdir)
                                                        <workdir>/continual
@@ -40,14 +40,16 @@ from data_pipeline import prepare as prepare_lib
 from m3jax.bench import decode as bench_decode
 from m3jax.core import config as config_lib
 from m3jax.core import metrics as metrics_lib
+from m3jax.core import workspace
 from m3jax.core.config import model_config
 from m3jax.evaluation import evaluate as ev
 from m3jax.inference import session as inference
 from m3jax.memory import bank as bank_lib
 from m3jax.memory import encode_job
 from m3jax.model import costs
-from m3jax.retrieval import index as index_lib
+from m3jax.retrieval import neighbor_table
 from m3jax.retrieval import neighbors as nb_lib
+from m3jax.retrieval import reference_index
 from m3jax.training import checkpoint as ckpt_lib
 from m3jax.training import loop as train_lib
 
@@ -210,7 +212,7 @@ def _train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
 
 def _neighbor_stats(root: str, split: str) -> dict[str, Any]:
   """Share of chunks with a neighbor (how much memory the continual stage can read)."""
-  table = nb_lib.NeighborTable(nb_lib.neighbors_dir(root, split))
+  table = neighbor_table.NeighborTable(workspace.neighbors_dir(root, split))
   rows = np.stack([np.asarray(table[i]).reshape(-1) for i in range(len(table))]) \
       if len(table) else np.zeros((0, 1), np.int64)
   return dict(sequences=int(len(table)), chunks=int(rows.size),
@@ -298,11 +300,11 @@ def run_demo(cfg: ml_collections.ConfigDict, workdir: str, *,
              lambda: _train_done(warm_cfg, wdir))
 
   def index_fn():
-    idx = index_lib.build_reference_index(cfg, workdir)
-    return dict(path=index_lib.index_dir(cfg, workdir), count=int(idx.count))
+    idx = reference_index.build_reference_index(cfg, workdir)
+    return dict(path=workspace.index_dir(cfg, workdir), count=int(idx.count))
 
   runner.run("index", data_settings, index_fn,
-             lambda: os.path.isdir(index_lib.index_dir(cfg, workdir)))
+             lambda: os.path.isdir(workspace.index_dir(cfg, workdir)))
 
   def neighbors_fn():
     out = {}
@@ -312,7 +314,7 @@ def run_demo(cfg: ml_collections.ConfigDict, workdir: str, *,
     return out
 
   runner.run("neighbors", data_settings, neighbors_fn,
-             lambda: all(os.path.isdir(nb_lib.neighbors_dir(root, sp))
+             lambda: all(os.path.isdir(workspace.neighbors_dir(root, sp))
                          for sp in ("train", "validation")))
   runner.run("continual", _cfg_dict(cont_cfg), lambda: _train_stage(cont_cfg, cdir),
              lambda: _train_done(cont_cfg, cdir))

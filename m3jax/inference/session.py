@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import ml_collections
 
 from m3jax.core import config as config_lib
+from m3jax.core import workspace
 from m3jax.core.config import ModelConfig
 from data_pipeline import prepare as prepare_lib
 from data_pipeline import tokenizer as tok_lib
@@ -99,7 +100,7 @@ def open_inference(checkpoint: str, *, modes: Sequence[str], workdir: str | None
     return inf
   inf.references = prepare_lib.open_references(data_root)
   inf.references.check_tokenizer(tokenizer)
-  index_dir = index_dir or os.path.join(data_root, "index")
+  index_dir = index_dir or workspace.index_dir_of_root(data_root)
   if not os.path.isdir(index_dir):
     raise InferenceSetupError(f"--index: {index_dir} does not exist (run `m3jax build-index`)")
   emb_params = params

@@ -1,2 +1,10 @@
-"""Finding references for text: embedders, the ScaNN index, the overlap filter, the
-retriever, the retrieval schedule, text RAG contexts and offline neighbor mining."""
+"""Finding references for text.
+
+  embedder, lexical_embedder, model_embedder, embedder_factory   texts -> vectors
+  index, sharded_index, reference_index    ScaNN search; a workdir's reference index
+  overlap                                  the eq.-6 overlap (leakage / copy filter)
+  search                                   the retrieval core: embed, search, filter, top-k
+  retriever                                query-time retrieval (evaluation, generation, RAG)
+  schedule, rag                            when to retrieve; text RAG contexts
+  neighbors, neighbor_table                offline neighbor mining and its table
+"""

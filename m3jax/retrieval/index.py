@@ -18,13 +18,14 @@ An index directory holds:
 It is written to a temporary directory and renamed into place, so a directory
 with a manifest is always complete. Loading checks the manifest, the files and
 (optionally) the embedder fingerprint and vector width, with errors naming the
-directory and the field. `ShardedIndex` merges several such directories.
+directory and the field. m3jax.retrieval.sharded_index merges several such
+directories; m3jax.retrieval.reference_index builds and opens the index of a
+prepared workdir.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -32,9 +33,8 @@ import shutil
 from typing import Any, Sequence
 
 import numpy as np
-from data_pipeline import prepare
-from m3jax.core.progress import Progress
-from m3jax.retrieval import embedder as emb_lib
+
+from m3jax.core import artifacts as atomic_io
 
 FORMAT = "m3jax-index"
 VERSION = 1
@@ -79,15 +79,8 @@ class IndexSettings:
     return d
 
 
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 22), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
-def _normalise_queries(queries: np.ndarray, dim: int, where: str) -> np.ndarray:
+def normalise_queries(queries: np.ndarray, dim: int, where: str) -> np.ndarray:
+  """`queries` as a contiguous float32 [q, dim] array; a wrong width names `where`."""
   q = np.asarray(queries, dtype=np.float32)
   if q.ndim == 1:
     q = q[None]
@@ -156,7 +149,7 @@ class Index:
   def build(cls, vectors: np.ndarray, ids: np.ndarray | None = None, *, fingerprint: str,
             settings: IndexSettings | None = None, embedder_kind: str = "") -> "Index":
     """Builds an index over L2-normalised float32 `vectors` [n, dim] with `ids` [n]."""
-    from scann.scann_ops.py import scann_ops_pybind
+    from scann.scann_ops.py import scann_ops_pybind  # heavy native library, loaded on use
 
     vectors = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
     if vectors.ndim != 2 or vectors.shape[0] == 0 or vectors.shape[1] == 0:
@@ -201,7 +194,7 @@ class Index:
     """Top-k (ids int64 [q, k], inner products float32 [q, k]); -1 / -inf pad."""
     if k <= 0:
       raise ValueError(f"search: k must be positive, got {k}")
-    q = _normalise_queries(queries, self.dim, f"index {self.path or '(in memory)'}")
+    q = normalise_queries(queries, self.dim, f"index {self.path or '(in memory)'}")
     if len(q) == 0:
       return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
     kw = dict(final_num_neighbors=min(k, self.count))
@@ -265,7 +258,7 @@ class Index:
       for name in sorted(names):
         full = os.path.join(root, name)
         rel = os.path.relpath(full, tmp)
-        files[rel] = {"bytes": os.path.getsize(full), "sha256": _sha256(full)}
+        files[rel] = {"bytes": os.path.getsize(full), "sha256": atomic_io.sha256_file(full)}
     manifest = dict(format=FORMAT, version=VERSION, count=self.count, dim=self.dim,
                     embedder_fingerprint=self.fingerprint, embedder_kind=self.embedder_kind,
                     settings=self.settings, source=self.source,
@@ -313,7 +306,7 @@ def load_index(path: str, *, embedder: Any = None, fingerprint: str | None = Non
   `embedder` (or `fingerprint`) and `dim` are checked against the manifest;
   `verify=True` also re-hashes every file (sizes are always checked).
   """
-  from scann.scann_ops.py import scann_ops_pybind
+  from scann.scann_ops.py import scann_ops_pybind  # heavy native library, loaded on use
 
   path = os.path.abspath(path)
   manifest = read_manifest(path)
@@ -324,7 +317,7 @@ def load_index(path: str, *, embedder: Any = None, fingerprint: str | None = Non
     if os.path.getsize(full) != info["bytes"]:
       raise IndexDirError(f"index {path}: file {rel} has {os.path.getsize(full)} bytes, "
                           f"the manifest says {info['bytes']} (truncated or replaced)")
-    if verify and _sha256(full) != info["sha256"]:
+    if verify and atomic_io.sha256_file(full) != info["sha256"]:
       raise IndexDirError(f"index {path}: file {rel} does not match its sha256 in the manifest")
   if dim is not None and int(dim) != manifest["dim"]:
     raise IndexDirError(f"index {path} holds {manifest['dim']}-dim vectors; expected {dim} "
@@ -370,69 +363,11 @@ def build_index(vectors: np.ndarray, ids: np.ndarray | None = None, *, fingerpri
                      embedder_kind=embedder_kind)
 
 
-class ShardedIndex:
-  """Several indexes (e.g. one per host's slice of the bank) searched as one.
-
-  Each shard returns its top-k; the merge keeps the overall top-k by score
-  (ties: smaller id). Shards must share dim and embedder, and ids must be disjoint.
-  """
-
-  def __init__(self, shards: Sequence[Index], check_disjoint: bool = True):
-    if not shards:
-      raise ValueError("ShardedIndex needs at least one shard")
-    self.shards = list(shards)
-    first = self.shards[0]
-    for s in self.shards[1:]:
-      if s.dim != first.dim:
-        raise IndexDirError(f"shard {s.path or '?'} has dim {s.dim}, shard "
-                            f"{first.path or '?'} has {first.dim}")
-      if s.fingerprint != first.fingerprint:
-        raise IndexDirError(f"shard {s.path or '?'} was built with embedder {s.fingerprint}, "
-                            f"shard {first.path or '?'} with {first.fingerprint}")
-    if check_disjoint:
-      all_ids = np.concatenate([s.ids for s in self.shards])
-      if len(np.unique(all_ids)) != len(all_ids):
-        raise IndexDirError("index shards share ids; each reference must live in one shard")
-    self.dim = first.dim
-    self.fingerprint = first.fingerprint
-
-  @classmethod
-  def load(cls, paths: Sequence[str], **kwargs: Any) -> "ShardedIndex":
-    return cls([load_index(p, **kwargs) for p in paths])
-
-  def __len__(self) -> int:
-    return sum(len(s) for s in self.shards)
-
-  @property
-  def count(self) -> int:
-    return len(self)
-
-  @property
-  def ids(self) -> np.ndarray:
-    return np.concatenate([s.ids for s in self.shards])
-
-  def check_embedder(self, embedder: Any) -> None:
-    self.shards[0].check_embedder(embedder)
-
-  def search(self, queries: np.ndarray, k: int, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
-    q = _normalise_queries(queries, self.dim, "sharded index")
-    results = [s.search(q, k, **kwargs) for s in self.shards]
-    return top_k(np.concatenate([r[1] for r in results], axis=1),
-                 np.concatenate([r[0] for r in results], axis=1), k)
-
-  def search_texts(self, embedder: Any, texts: Sequence[str],
-                   k: int) -> tuple[np.ndarray, np.ndarray]:
-    self.check_embedder(embedder)
-    return self.search(embedder.embed(texts), k)
-
-  def vectors(self) -> np.ndarray:
-    return np.concatenate([np.asarray(s.vectors()) for s in self.shards])
-
-
-def measure_recall(index: Index | ShardedIndex, queries: np.ndarray, k: int,
+def measure_recall(index: Any, queries: np.ndarray, k: int,
                    database: np.ndarray | None = None,
                    ids: np.ndarray | None = None) -> float:
-  """Recall@k of `index` against exact search: mean |approx ∩ exact| / k.
+  """Recall@k of `index` (an Index or ShardedIndex) against exact search:
+  mean |approx ∩ exact| / k.
 
   `database` (and its `ids`) default to the index's own vectors and id map.
   """
@@ -445,81 +380,3 @@ def measure_recall(index: Index | ShardedIndex, queries: np.ndarray, k: int,
   hits = [len(np.intersect1d(a[a >= 0], e[e >= 0])) for a, e in zip(approx, exact)]
   want = min(k, len(ids))
   return float(np.mean(hits) / want) if len(hits) else float("nan")
-
-
-
-# ---------------------------------------------------------------- a prepared workdir
-
-def index_dir(cfg: Any, workdir: str) -> str:
-  """Default place of the reference index: `<data root>/index`."""
-  return os.path.join(prepare.data_root(cfg, workdir), "index")
-
-
-def build_reference_index(cfg: Any, workdir: str, *, params_dir: str | None = None,
-                          out: str | None = None, overwrite: bool = False,
-                          settings: IndexSettings | None = None, batch_size: int = 4096,
-                          progress_every_s: float | None = 30.0) -> Index:
-  """Embeds every reference of a prepared workdir and saves the index (ids = ref_id).
-
-  The embedder comes from `cfg.data.embedder` (fitted on the reference texts) and
-  is saved in the index directory. An existing index built from the same inputs
-  is reused; one built from other inputs is refused unless `overwrite`.
-  """
-
-  root = prepare.data_root(cfg, workdir)
-  manifest = prepare.load_manifest(root)
-  refs = prepare.open_references(root)
-  tok = prepare.open_tokenizer(root)
-  out = os.path.abspath(out or index_dir(cfg, workdir))
-  emb = emb_lib.make_embedder(cfg, params_dir=params_dir, tokenizer=tok)
-  settings = settings or IndexSettings()
-  source = dict(references=dict(settings_hash=manifest["stages"]["references"]["settings_hash"],
-                                count=len(refs)),
-                tokenizer=tok.hash, embedder=emb_lib.embedder_settings(emb),
-                index_settings=dataclasses.asdict(settings))
-  if os.path.exists(out) and not overwrite:
-    old = read_manifest(out).get("source")
-    if old != json.loads(json.dumps(source)):
-      raise IndexDirError(f"{out} holds an index of other inputs (source {old} vs {source}); "
-                          "pass --overwrite or another --out")
-    print(f"build-index: reusing {out} ({len(refs)} references)", flush=True)
-    return load_index(out)
-  n = len(refs)
-  if n == 0:
-    raise IndexDirError(f"{root}: the reference dataset is empty; nothing to index")
-
-  def texts():
-    for lo in range(0, n, batch_size):
-      yield from refs.texts_by_ids(range(lo, min(n, lo + batch_size)))
-
-  emb.fit(texts())
-  progress = Progress(n, desc="build-index: embedding", unit="refs",
-                      every_s=progress_every_s or 0.0, enabled=progress_every_s is not None)
-  vectors = np.zeros((n, emb.dim), np.float32)
-  for lo in range(0, n, batch_size):
-    hi = min(n, lo + batch_size)
-    vectors[lo:hi] = emb.embed(refs.texts_by_ids(range(lo, hi)))
-    progress.update(hi - lo)
-  progress.close()
-  index = Index.build(vectors, np.arange(n, dtype=np.int64), fingerprint=emb.fingerprint(),
-                      settings=settings, embedder_kind=emb.kind)
-  index.save(out, embedder=emb, overwrite=overwrite, source=source)
-  return index
-
-
-def load_reference_index(path: str, *, params_dir: str | None = None,
-                         tokenizer: Any = None) -> tuple[Index, Any]:
-  """Opens an index directory and the embedder saved in it; returns (index, embedder).
-
-  A model embedder also needs the params directory and tokenizer it was built with.
-  """
-  manifest = read_manifest(path)
-  state = os.path.join(path, EMBEDDER_STATE)
-  kwargs: dict[str, Any] = {}
-  if manifest.get("embedder_kind") == "model":
-    if params_dir is None or tokenizer is None:
-      raise IndexDirError(f"index {path} was built with the model embedder: pass the params "
-                          "directory (--params) and the tokenizer")
-    kwargs = emb_lib.model_embedder_inputs(params_dir, tokenizer)
-  emb = emb_lib.load_embedder(state, **kwargs)
-  return load_index(path, embedder=emb), emb

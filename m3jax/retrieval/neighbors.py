@@ -6,95 +6,55 @@ references, drop any reference whose eq. 6 overlap with the WHOLE training
 sequence exceeds `data.train_overlap_threshold` (0.9; the paper's anti-copying
 rule), optionally drop references from a document of the sequence
 (`data.exclude_same_doc`), and keep the best `data.neighbors_per_chunk` (1).
-An all-padding chunk gets none. The result is the neighbor table: int32
-[n_sequences, C] (or [n, C, K] for K > 1 neighbors), -1 = none.
-
-On disk (a directory, by default `<data>/neighbors/<split>/`):
-
-    manifest.json          format, version, n_sequences, seq_len, chunks per sequence,
-                           neighbors per chunk, shard_size, n_shards, the mining
-                           settings and the identity of every input (corpus,
-                           references, index, embedder fingerprint, tokenizer hash)
-    neighbors-00000.npy    int32 rows [shard_size * i, shard_size * (i + 1)) ...
+An all-padding chunk gets none. The embed -> search -> filter -> top-k sequence
+is the retrieval core (m3jax.retrieval.search). The result is the neighbor
+table (format and reader: m3jax.retrieval.neighbor_table).
 
 Every shard is written to a temporary file and renamed, so an existing shard is
 always complete. A rerun with the same inputs skips finished shards and, because
 every step is deterministic, writes byte-identical files; a rerun with other
 inputs is refused. Several processes split the shards (shard i goes to process
-i mod process_count). `NeighborTable` reads the table and refuses one whose
-manifest does not match what the reader expects.
+i mod process_count).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import glob
-import hashlib
 import json
 import os
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from m3jax.core import artifacts as atomic_io
-from m3jax.retrieval import overlap as overlap_lib
 from data_pipeline import prepare
 from data_pipeline import tfds_builders
+from m3jax.core import artifacts as atomic_io
+from m3jax.core import workspace
 from m3jax.core.progress import Progress
 from m3jax.retrieval import index as index_lib
+from m3jax.retrieval import neighbor_table as table_lib
+from m3jax.retrieval import reference_index
+from m3jax.retrieval import search as search_lib
+from m3jax.retrieval.neighbor_table import MiningSettings, NeighborTableError
 
-FORMAT = "m3jax-neighbors"
-VERSION = 1
-MANIFEST = "manifest.json"
+def _rejected(sequence: np.ndarray, candidates: np.ndarray, ref_tokens: Mapping[int, np.ndarray],
+              settings: MiningSettings, sequence_doc_keys: np.ndarray | None,
+              ref_doc_keys: Mapping[int, int] | None) -> np.ndarray:
+  """bool [C, n]: candidates that copy the WHOLE sequence or (exclude_same_doc) share
+  one of its documents."""
+  t = np.asarray(sequence)
+  t = t[t != settings.pad_id]
+  bad = search_lib.overlapping(t, candidates, lambda ids: [ref_tokens[int(r)] for r in ids],
+                               settings.overlap_threshold)
+  if settings.exclude_same_doc:
+    if sequence_doc_keys is None or ref_doc_keys is None:
+      raise ValueError("exclude_same_doc needs the sequence's and the references' doc keys")
+    own = {int(k) for k in np.asarray(sequence_doc_keys).reshape(-1) if k >= 0}
+    same = [int(r) for r in np.unique(candidates[candidates >= 0])
+            if int(ref_doc_keys[int(r)]) in own]
+    bad |= np.isin(candidates, same)
+  return bad
 
-
-class NeighborTableError(ValueError):
-  """A missing, incomplete or mismatched neighbor table; the message names it."""
-
-
-def shard_name(i: int) -> str:
-  return f"neighbors-{i:05d}.npy"
-
-
-@dataclasses.dataclass(frozen=True)
-class MiningSettings:
-  """What decides the table's contents (recorded in and checked against the manifest)."""
-  chunk_length: int
-  candidates: int = 10
-  neighbors_per_chunk: int = 1
-  overlap_threshold: float = 0.9
-  exclude_same_doc: bool = False
-  shard_size: int = 1024
-  skip_ids: tuple[int, ...] = (0, 2, 3)  # pad, bos, eos: a chunk of only these is empty
-  pad_id: int = 0
-
-  def check(self) -> None:
-    for name in ("chunk_length", "candidates", "neighbors_per_chunk", "shard_size"):
-      if getattr(self, name) <= 0:
-        raise ValueError(f"neighbor mining: {name} must be positive, got {getattr(self, name)}")
-    if self.neighbors_per_chunk > self.candidates:
-      raise ValueError(f"data.neighbors_per_chunk={self.neighbors_per_chunk} exceeds "
-                       f"data.neighbor_candidates={self.candidates}")
-    if not 0.0 <= self.overlap_threshold <= 1.0:
-      raise ValueError(f"data.train_overlap_threshold={self.overlap_threshold} is not in [0, 1]")
-
-  @classmethod
-  def from_config(cls, cfg: Any, shard_size: int = 1024) -> "MiningSettings":
-    m, d = cfg.model, cfg.data
-    return cls(chunk_length=int(m.chunk_length), candidates=int(d.neighbor_candidates),
-               neighbors_per_chunk=int(d.neighbors_per_chunk),
-               overlap_threshold=float(d.train_overlap_threshold),
-               exclude_same_doc=bool(d.exclude_same_doc), shard_size=int(shard_size),
-               skip_ids=tuple(sorted({int(m.pad_id), int(m.bos_id), int(m.eos_id)})),
-               pad_id=int(m.pad_id))
-
-  def to_json(self) -> dict[str, Any]:
-    d = dataclasses.asdict(self)
-    d["skip_ids"] = list(self.skip_ids)
-    return d
-
-
-# ---------------------------------------------------------------- selection
 
 def select_neighbors(sequence: np.ndarray, candidates: np.ndarray,
                      ref_tokens: Mapping[int, np.ndarray], settings: MiningSettings, *,
@@ -111,25 +71,10 @@ def select_neighbors(sequence: np.ndarray, candidates: np.ndarray,
 
   Returns int32 [C, K], -1 where fewer than K candidates survive.
   """
-  K = settings.neighbors_per_chunk
-  t = np.asarray(sequence)
-  t = t[t != settings.pad_id]
-  uniq = np.unique(candidates[candidates >= 0])
-  rejected: set[int] = set()
-  if len(uniq):
-    over = overlap_lib.exceeds_many(t, [ref_tokens[int(r)] for r in uniq],
-                                    settings.overlap_threshold)
-    rejected = {int(r) for r in uniq[over]}
-  if settings.exclude_same_doc:
-    if sequence_doc_keys is None or ref_doc_keys is None:
-      raise ValueError("exclude_same_doc needs the sequence's and the references' doc keys")
-    own = {int(k) for k in np.asarray(sequence_doc_keys).reshape(-1) if k >= 0}
-    rejected |= {int(r) for r in uniq if int(ref_doc_keys[int(r)]) in own}
-  out = np.full((len(candidates), K), -1, dtype=np.int32)
-  for c, row in enumerate(candidates):
-    kept = [int(r) for r in row if r >= 0 and int(r) not in rejected][:K]
-    out[c, :len(kept)] = kept
-  return out
+  candidates = np.asarray(candidates, np.int64)
+  bad = _rejected(sequence, candidates, ref_tokens, settings, sequence_doc_keys, ref_doc_keys)
+  ids, _, _ = search_lib.keep_best(candidates, bad, settings.neighbors_per_chunk)
+  return ids.astype(np.int32)
 
 
 def mine_block(sequences: np.ndarray, *, decode: Callable[[list[np.ndarray]], list[str]],
@@ -141,61 +86,44 @@ def mine_block(sequences: np.ndarray, *, decode: Callable[[list[np.ndarray]], li
 
   `decode(list of token arrays) -> texts`; `ref_tokens(ids) -> token arrays`;
   `doc_keys` [S, C] (per chunk) and `ref_doc_keys(ids)` for exclude_same_doc.
+  The chunks go through the retrieval core (m3jax.retrieval.search), filtered
+  against their whole sequence.
   """
   seqs = np.asarray(sequences)
   if seqs.ndim != 2 or seqs.shape[1] % settings.chunk_length:
     raise ValueError(f"mine_block: sequences have shape {seqs.shape}; need [S, T] with T a "
                      f"multiple of chunk_length={settings.chunk_length}")
+  if settings.exclude_same_doc and (doc_keys is None or ref_doc_keys is None):
+    raise ValueError("data.exclude_same_doc needs doc keys of the sequences and references")
   S, T = seqs.shape
   C = T // settings.chunk_length
+  n = settings.candidates
   chunks = seqs.reshape(S * C, settings.chunk_length)
   skip = np.isin(chunks, np.asarray(settings.skip_ids))
   live = np.nonzero(~skip.all(axis=1))[0]
-  cands = np.full((S * C, settings.candidates), -1, dtype=np.int64)
+
+  def reject(live_cands: np.ndarray) -> np.ndarray:
+    cands = np.full((S * C, n), -1, dtype=np.int64)
+    cands[live] = live_cands
+    cands = cands.reshape(S, C, n)
+    uniq = np.unique(cands[cands >= 0])
+    toks = dict(zip(uniq.tolist(), ref_tokens(uniq))) if len(uniq) else {}
+    rdk = None
+    if settings.exclude_same_doc:
+      rdk = dict(zip(uniq.tolist(), np.asarray(ref_doc_keys(uniq)).tolist())) if len(uniq) \
+          else {}
+    bad = np.stack([_rejected(seqs[s], cands[s], toks, settings,
+                              None if doc_keys is None else doc_keys[s], rdk)
+                    for s in range(S)])
+    return bad.reshape(S * C, n)[live]
+
+  out = np.full((S * C, settings.neighbors_per_chunk), -1, dtype=np.int32)
   if len(live):
     texts = decode([chunks[i][chunks[i] != settings.pad_id] for i in live])
-    ids, _ = index.search(embedder.embed(texts), settings.candidates)
-    cands[live] = ids
-  cands = cands.reshape(S, C, settings.candidates)
-  uniq = np.unique(cands[cands >= 0])
-  toks = dict(zip(uniq.tolist(), ref_tokens(uniq))) if len(uniq) else {}
-  rdk = None
-  if settings.exclude_same_doc:
-    if doc_keys is None or ref_doc_keys is None:
-      raise ValueError("data.exclude_same_doc needs doc keys of the sequences and references")
-    rdk = dict(zip(uniq.tolist(), np.asarray(ref_doc_keys(uniq)).tolist())) if len(uniq) else {}
-  out = np.empty((S, C, settings.neighbors_per_chunk), dtype=np.int32)
-  for s in range(S):
-    out[s] = select_neighbors(seqs[s], cands[s], toks, settings,
-                              sequence_doc_keys=None if doc_keys is None else doc_keys[s],
-                              ref_doc_keys=rdk)
-  return out
-
-
-# ---------------------------------------------------------------- the table on disk
-
-def _matches(manifest: Mapping[str, Any], expect: Mapping[str, Any], prefix: str = "") -> list[str]:
-  """Fields of `expect` (nested) whose values differ in `manifest`."""
-  bad = []
-  for k, v in expect.items():
-    got = manifest.get(k) if isinstance(manifest, Mapping) else None
-    if isinstance(v, Mapping):
-      bad += _matches(got or {}, v, f"{prefix}{k}.")
-    elif got != v:
-      bad.append(f"{prefix}{k}: table has {got!r}, expected {v!r}")
-  return bad
-
-
-def table_manifest(*, n_sequences: int, seq_len: int, settings: MiningSettings,
-                   inputs: Mapping[str, Any]) -> dict[str, Any]:
-  """The manifest a table with these inputs and settings carries (deterministic)."""
-  C = seq_len // settings.chunk_length
-  n_shards = -(-n_sequences // settings.shard_size)
-  return dict(format=FORMAT, version=VERSION, n_sequences=int(n_sequences),
-              seq_len=int(seq_len), chunks_per_sequence=C,
-              neighbors_per_chunk=settings.neighbors_per_chunk,
-              shard_size=settings.shard_size, n_shards=n_shards, dtype="int32",
-              settings=settings.to_json(), inputs=json.loads(json.dumps(dict(inputs))))
+    ids, _, _ = search_lib.retrieve(embedder, index, texts, k=settings.neighbors_per_chunk,
+                                    fetch=n, reject=reject)
+    out[live] = ids
+  return out.reshape(S, C, settings.neighbors_per_chunk)
 
 
 def mine_neighbors(out_dir: str, *, sequences: Any, decode: Callable[[list[np.ndarray]], list[str]],
@@ -234,9 +162,9 @@ def mine_neighbors(out_dir: str, *, sequences: Any, decode: Callable[[list[np.nd
                      f"{settings.chunk_length} (model.chunk_length)")
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-  manifest = table_manifest(n_sequences=n, seq_len=T, settings=settings, inputs=inputs)
+  manifest = table_lib.table_manifest(n_sequences=n, seq_len=T, settings=settings, inputs=inputs)
   os.makedirs(out_dir, exist_ok=True)
-  mpath = os.path.join(out_dir, MANIFEST)
+  mpath = os.path.join(out_dir, table_lib.MANIFEST)
   if os.path.exists(mpath):
     with open(mpath) as f:
       old = json.load(f)
@@ -251,7 +179,7 @@ def mine_neighbors(out_dir: str, *, sequences: Any, decode: Callable[[list[np.nd
     if stale.endswith(f".tmp-{os.getpid()}") or process_count == 1:
       os.remove(stale)
   mine = [i for i in range(manifest["n_shards"]) if i % process_count == process_index]
-  todo = [i for i in mine if not os.path.exists(os.path.join(out_dir, shard_name(i)))]
+  todo = [i for i in mine if not os.path.exists(os.path.join(out_dir, table_lib.shard_name(i)))]
   progress = None
   if progress_every_s is not None:
     progress = Progress(sum(min(n, (i + 1) * settings.shard_size) - i * settings.shard_size
@@ -268,7 +196,7 @@ def mine_neighbors(out_dir: str, *, sequences: Any, decode: Callable[[list[np.nd
                       ref_doc_keys=ref_doc_keys)
     if settings.neighbors_per_chunk == 1:
       rows = rows[..., 0]
-    atomic_io.save_npy(os.path.join(out_dir, shard_name(i)), np.ascontiguousarray(rows))
+    atomic_io.save_npy(os.path.join(out_dir, table_lib.shard_name(i)), np.ascontiguousarray(rows))
     written += 1
     if progress is not None:
       progress.update(hi - lo)
@@ -276,93 +204,6 @@ def mine_neighbors(out_dir: str, *, sequences: Any, decode: Callable[[list[np.nd
     progress.close()
   return manifest
 
-
-class NeighborTable:
-  """Read access to a finished neighbor table: `table[seq_index] -> int32 [C]` ([C, K]).
-
-  `expect` is a (nested) dict of manifest fields that must match, e.g.
-  `{"n_sequences": 1000, "inputs": {"corpus": {...}}, "settings": {...}}`.
-  Pickles by path (grain workers).
-  """
-
-  def __init__(self, path: str, expect: Mapping[str, Any] | None = None):
-    self.path = os.path.abspath(path)
-    self._expect = dict(expect or {})
-    mpath = os.path.join(self.path, MANIFEST)
-    if not os.path.isfile(mpath):
-      raise NeighborTableError(f"{mpath} not found: {self.path} holds no neighbor table "
-                               "(run `m3jax mine-neighbors`)")
-    try:
-      with open(mpath) as f:
-        self.manifest = json.load(f)
-    except (OSError, ValueError) as e:
-      raise NeighborTableError(f"{mpath} is not valid JSON: {e}") from e
-    if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
-      raise NeighborTableError(f"{mpath}: not a {FORMAT} v{VERSION} manifest")
-    bad = _matches(self.manifest, self._expect)
-    if bad:
-      raise NeighborTableError(f"neighbor table {self.path} does not match this run: "
-                               + "; ".join(bad[:8]))
-    m = self.manifest
-    self._n, self._size = int(m["n_sequences"]), int(m["shard_size"])
-    K = int(m["neighbors_per_chunk"])
-    self.row_shape = (int(m["chunks_per_sequence"]),) + ((K,) if K > 1 else ())
-    missing = [shard_name(i) for i in range(int(m["n_shards"]))
-               if not os.path.isfile(os.path.join(self.path, shard_name(i)))]
-    if missing:
-      raise NeighborTableError(
-          f"neighbor table {self.path} is incomplete: {len(missing)} of {m['n_shards']} "
-          f"shards missing ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); "
-          "rerun `m3jax mine-neighbors` to finish it")
-    self._shards: dict[int, np.ndarray] = {}
-
-  def __getstate__(self):
-    return dict(path=self.path, expect=self._expect)
-
-  def __setstate__(self, state):
-    self.__init__(state["path"], state["expect"])
-
-  def __len__(self) -> int:
-    return self._n
-
-  def _shard(self, i: int) -> np.ndarray:
-    arr = self._shards.get(i)
-    if arr is None:
-      path = os.path.join(self.path, shard_name(i))
-      arr = np.load(path, mmap_mode="r", allow_pickle=False)
-      rows = min(self._n, (i + 1) * self._size) - i * self._size
-      if arr.dtype != np.int32 or arr.shape != (rows,) + self.row_shape:
-        raise NeighborTableError(f"{path}: array {arr.dtype}{list(arr.shape)}, expected "
-                                 f"int32{[rows, *self.row_shape]}")
-      self._shards[i] = arr
-    return arr
-
-  def __getitem__(self, seq_index: int) -> np.ndarray:
-    i = int(seq_index)
-    if not 0 <= i < self._n:
-      raise IndexError(f"sequence {i} out of range [0, {self._n}) in {self.path}")
-    return np.array(self._shard(i // self._size)[i % self._size])
-
-  def rows(self, lo: int, hi: int) -> np.ndarray:
-    """Rows [lo, hi) as one array."""
-    lo, hi = max(0, lo), min(self._n, hi)
-    parts = [np.zeros((0,) + self.row_shape, np.int32)]
-    for i in range(lo // self._size, -(-hi // self._size)):
-      base = i * self._size
-      a, b = max(lo, base) - base, min(hi, base + self._size) - base
-      parts.append(np.asarray(self._shard(i)[a:b]))
-    return np.concatenate(parts)
-
-
-def file_sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
-# ---------------------------------------------------------------- a prepared workdir
 
 class PackedColumn:
   """One field of a packed split as an [N, ...] array-like: len() and [lo:hi]."""
@@ -382,34 +223,6 @@ class PackedColumn:
         np.zeros((0,), self.dtype)
 
 
-def neighbors_dir(root: str, split: str = "train") -> str:
-  """Default place of a split's neighbor table: `<data root>/neighbors/<split>`."""
-  return os.path.join(root, "neighbors", split)
-
-
-def expected_identity(cfg: Any, root: str, split: str = "train") -> dict[str, Any]:
-  """Manifest fields a neighbor table of this data root, split and config must carry:
-  everything a trainer can check without opening the index (`NeighborTable(expect=)`)."""
-  manifest = prepare.load_manifest(root)
-  stages = manifest["stages"]
-  settings = MiningSettings.from_config(cfg, int(cfg.data.get("neighbor_shard_size", 1024)))
-  return dict(
-      inputs=dict(
-          corpus=dict(dataset=manifest["datasets"]["packed"]["path"], split=split,
-                      settings_hash=stages["packed"]["settings_hash"]),
-          references=dict(settings_hash=stages["references"]["settings_hash"]),
-          tokenizer=manifest["tokenizer"]["hash"]),
-      settings={k: v for k, v in settings.to_json().items() if k != "shard_size"})
-
-
-def open_neighbor_table(cfg: Any, root: str, split: str = "train",
-                        path: str | None = None) -> NeighborTable:
-  """The finished neighbor table of a data root (`prepare.data_root`), checked against
-  its corpus, references, tokenizer and the config's mining settings."""
-  return NeighborTable(path or neighbors_dir(root, split),
-                       expect=expected_identity(cfg, root, split))
-
-
 def mine_workdir(cfg: Any, workdir: str, *, split: str = "train", params_dir: str | None = None,
                  index_path: str | None = None, out: str | None = None,
                  process_index: int = 0, process_count: int = 1,
@@ -417,16 +230,16 @@ def mine_workdir(cfg: Any, workdir: str, *, split: str = "train", params_dir: st
                  progress_every_s: float | None = 30.0) -> dict[str, Any]:
   """Mines the neighbor table of a prepared workdir (after `m3jax build-index`)."""
 
-  root = prepare.data_root(cfg, workdir)
+  root = workspace.data_root(cfg, workdir)
   tok = prepare.open_tokenizer(root)
   refs = prepare.open_references(root)
-  index_path = os.path.abspath(index_path or index_lib.index_dir(cfg, workdir))
+  index_path = os.path.abspath(index_path or workspace.index_dir(cfg, workdir))
   if not os.path.isdir(index_path):
     raise index_lib.IndexDirError(f"index {index_path} not found: run `m3jax build-index` "
                                   "for this workdir first (or pass --index)")
-  index, embedder = index_lib.load_reference_index(index_path, params_dir=params_dir,
+  index, embedder = reference_index.load_reference_index(index_path, params_dir=params_dir,
                                                    tokenizer=tok)
-  identity = expected_identity(cfg, root, split)
+  identity = table_lib.expected_identity(cfg, root, split)
   src = index.source
   want_refs = identity["inputs"]["references"]["settings_hash"]
   if src.get("references", {}).get("settings_hash") != want_refs or \
@@ -436,9 +249,10 @@ def mine_workdir(cfg: Any, workdir: str, *, split: str = "train", params_dir: st
         f"{root} has now; rerun `m3jax build-index --overwrite`")
   packed = tfds_builders.open_split(prepare.dataset_path(root, "packed"), split)
   settings = MiningSettings.from_config(cfg, int(cfg.data.get("neighbor_shard_size", 1024)))
+  index_manifest = os.path.join(index_path, index_lib.MANIFEST)
   inputs = dict(identity["inputs"],
                 index=dict(path=os.path.relpath(index_path, root), count=index.count,
-                           manifest_sha256=file_sha256(os.path.join(index_path, "manifest.json"))),
+                           manifest_sha256=atomic_io.sha256_file(index_manifest)),
                 embedder=embedder.fingerprint())
   inputs["corpus"]["n_sequences"] = len(packed)
 
@@ -447,7 +261,7 @@ def mine_workdir(cfg: Any, workdir: str, *, split: str = "train", params_dir: st
     return [toks[i, :lens[i]] for i in range(len(ids))]
 
   return mine_neighbors(
-      out or neighbors_dir(root, split),
+      out or workspace.neighbors_dir(root, split),
       sequences=PackedColumn(packed, "tokens", np.int32), decode=tok.decode_batch,
       embedder=embedder, index=index, ref_tokens=ref_tokens, settings=settings, inputs=inputs,
       doc_keys=(PackedColumn(packed, "chunk_doc_keys", np.int64)

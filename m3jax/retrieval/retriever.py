@@ -8,7 +8,8 @@ removes references that contain the evaluation question (default 2/3). It
 fetches `k + overfetch` candidates so that dropped ones are replaced by the next
 best; rows are padded with id -1 (score -inf). Overlap is measured on token ids
 (the filter text is tokenized with the model's tokenizer, references come from
-the reference store), as in neighbor mining.
+the reference store). The embed -> search -> filter -> top-k sequence itself is
+m3jax.retrieval.search, shared with neighbor mining.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
-from m3jax.retrieval import overlap as overlap_lib
-from m3jax.retrieval import embedder as embedder_lib
+from m3jax.retrieval import embedder_factory
 from m3jax.retrieval import index as index_lib
+from m3jax.retrieval import search as search_lib
 
 
 class Retrieval(NamedTuple):
@@ -31,7 +32,8 @@ class Retrieval(NamedTuple):
 
 
 class Searcher(Protocol):
-  """What the retriever needs from an index (m3jax.retrieval.index.Index / ShardedIndex)."""
+  """What the retriever needs from an index (m3jax.retrieval.index.Index,
+  m3jax.retrieval.sharded_index.ShardedIndex)."""
 
   def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     ...
@@ -105,50 +107,30 @@ class Retriever:
       return Retrieval(ids, scores, dropped)
     use_filter = self.filters and filter_texts is not None
     fetch = self.k + (self.overfetch if use_filter else 0)
-    vectors = np.asarray(self.embedder.embed([queries[i] for i in live]), np.float32)
-    cand_ids, cand_scores = self.index.search(vectors, fetch)
-    cand_ids = np.asarray(cand_ids, np.int64)
-    cand_scores = np.asarray(cand_scores, np.float32)
-    for row, i in enumerate(live):
-      c_ids, c_scores = cand_ids[row], cand_scores[row]
-      keep = c_ids >= 0
-      if use_filter and filter_texts[i] is not None:
-        bad = self._leaks(filter_texts[i], c_ids)
-        dropped[i] = _displaced(keep, bad, self.k)
-        keep &= ~bad
-      sel = np.nonzero(keep)[0][:self.k]
-      ids[i, :len(sel)] = c_ids[sel]
-      scores[i, :len(sel)] = c_scores[sel]
+
+    def reject(cand_ids: np.ndarray) -> np.ndarray:
+      bad = np.zeros(cand_ids.shape, bool)
+      for row, i in enumerate(live):
+        if filter_texts[i] is not None:
+          bad[row] = self._leaks(filter_texts[i], cand_ids[row])
+      return bad
+
+    got = search_lib.retrieve(self.embedder, self.index, [queries[i] for i in live], k=self.k,
+                              fetch=fetch, reject=reject if use_filter else None)
+    ids[live], scores[live], dropped[live] = got
     return Retrieval(ids, scores, dropped)
 
   def _leaks(self, filter_text: str, cand_ids: np.ndarray) -> np.ndarray:
     if self.references is None or self.tokenize is None:
       raise ValueError("Retriever: the leakage filter needs `references` (a reference store) "
                        "and `tokenize`; pass them or set overlap_threshold=None")
-    valid = cand_ids >= 0
-    out = np.zeros(cand_ids.shape, bool)
-    if not valid.any():
-      return out
     text = np.asarray(self.tokenize(filter_text), np.int64)
-    toks, lens = self.references.tokens_by_ids(cand_ids[valid])
-    refs = [t[:l] for t, l in zip(np.asarray(toks), np.asarray(lens))]
-    out[valid] = overlap_lib.exceeds_many(text, refs, float(self.overlap_threshold))
-    return out
+    return search_lib.overlapping(text, cand_ids, self._ref_tokens,
+                                  float(self.overlap_threshold))
 
-
-def _displaced(present: np.ndarray, bad: np.ndarray, k: int) -> int:
-  """Filtered candidates ranked above the k-th kept one (all of them if fewer are kept)."""
-  kept = drops = 0
-  for ok, leak in zip(present.tolist(), bad.tolist()):
-    if not ok:
-      continue
-    if leak:
-      drops += 1
-    else:
-      kept += 1
-      if kept == k:
-        break
-  return drops
+  def _ref_tokens(self, ids: np.ndarray) -> list[np.ndarray]:
+    toks, lens = self.references.tokens_by_ids(ids)
+    return [t[:l] for t, l in zip(np.asarray(toks), np.asarray(lens))]
 
 
 def load_retriever(index_dir: str, *, k: int, references: TokenSource | None = None,
@@ -167,8 +149,8 @@ def load_retriever(index_dir: str, *, k: int, references: TokenSource | None = N
     if not os.path.isfile(state):
       raise FileNotFoundError(f"{state} not found: the index at {index_dir} was saved without "
                               "its embedder; pass the embedder explicitly")
-    embedder = embedder_lib.load_embedder(state, model_config=model_config, params=params,
-                                          encode=tokenize, tokenizer_hash=tokenizer_hash)
+    embedder = embedder_factory.load_embedder(state, model_config=model_config, params=params,
+                                              encode=tokenize, tokenizer_hash=tokenizer_hash)
   index = index_lib.load_index(index_dir, embedder=embedder)
   return Retriever(embedder, index, k=k, references=references, tokenize=tokenize,
                    overlap_threshold=overlap_threshold)

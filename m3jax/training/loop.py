@@ -30,13 +30,14 @@ from m3jax.core import config as config_lib
 from m3jax.model import costs
 from m3jax.core import hardware
 from m3jax.core import metrics as metrics_lib
+from m3jax.core import workspace
 from m3jax.training import optim
 from m3jax.model import sharding as sharding_lib
 from m3jax.training import step as step_lib
 from m3jax.model.transformer import Transformer
 from data_pipeline import loader as loader_lib
 from data_pipeline import prepare
-from m3jax.retrieval import neighbors as neighbors_lib
+from m3jax.retrieval import neighbor_table
 
 CONFIG_FILE = "config.json"
 
@@ -143,7 +144,7 @@ def compile_steps(ctx: RunContext) -> tuple[Callable, Callable, Callable | None]
 
 
 def data_root(cfg: ml_collections.ConfigDict, workdir: str) -> str:
-  return prepare.data_root(cfg, workdir)
+  return workspace.data_root(cfg, workdir)
 
 
 def memory_inputs(cfg, root: str, split: str) -> tuple[Any, Any] | None:
@@ -152,10 +153,10 @@ def memory_inputs(cfg, root: str, split: str) -> tuple[Any, Any] | None:
   The table is checked against its corpus, references, tokenizer and the config's
   mining settings, so a stale table is refused rather than silently used.
   """
-  path = neighbors_lib.neighbors_dir(root, split)
-  if not os.path.exists(os.path.join(path, neighbors_lib.MANIFEST)):
+  path = workspace.neighbors_dir(root, split)
+  if not os.path.exists(os.path.join(path, neighbor_table.MANIFEST)):
     return None
-  return neighbors_lib.open_neighbor_table(cfg, root, split), prepare.open_references(root)
+  return neighbor_table.open_neighbor_table(cfg, root, split), prepare.open_references(root)
 
 
 def make_train_loader(ctx: RunContext, root: str):
@@ -164,7 +165,7 @@ def make_train_loader(ctx: RunContext, root: str):
     inputs = memory_inputs(ctx.cfg, root, "train")
     if inputs is None:
       raise FileNotFoundError(
-          f"{neighbors_lib.neighbors_dir(root, 'train')}: no neighbor table; training with memory "
+          f"{workspace.neighbors_dir(root, 'train')}: no neighbor table; training with memory "
           f"(train.stage={ctx.cfg.train.stage!r}, train.use_memory={ctx.cfg.train.use_memory}) "
           "needs `m3jax mine-neighbors` first")
     neighbors, references = inputs

@@ -8,8 +8,13 @@ import jax
 import numpy as np
 import pytest
 
-from m3jax.retrieval import embedder as emb_lib
-from m3jax.retrieval.embedder import EmbedderError, LexicalEmbedder, ModelEmbedder, load_embedder
+from m3jax.core import artifacts
+from m3jax.core.config import model_config
+from m3jax.model import transformer as model_lib
+from m3jax.retrieval.embedder import EmbedderError
+from m3jax.retrieval.embedder_factory import load_embedder
+from m3jax.retrieval.lexical_embedder import LexicalEmbedder
+from m3jax.retrieval.model_embedder import ModelEmbedder
 
 REFERENCES = [
     "Marie Curie was a physicist and chemist who conducted pioneering research on radioactivity.",
@@ -38,7 +43,7 @@ def test_lexical_vectors_are_normalised_and_sized():
 
 def test_lexical_is_deterministic_across_processes(tmp_path):
   # Python's str hash is salted per process; the embedder must not depend on it.
-  code = ("import numpy as np, sys; from m3jax.retrieval.embedder import LexicalEmbedder; "
+  code = ("import numpy as np, sys; from m3jax.retrieval.lexical_embedder import LexicalEmbedder; "
           f"e = LexicalEmbedder(dim=32).fit({REFERENCES!r}); "
           f"np.save(sys.argv[1], e.embed({REFERENCES[:3]!r})); print(e.fingerprint())")
   outs = []
@@ -126,7 +131,6 @@ def _encode(text):
 
 def _random_params(mc, seed=0):
   """Parameters of the right tree and shapes, drawn in numpy (skips a slow eager init)."""
-  from m3jax.model import transformer as model_lib
   shapes = jax.eval_shape(lambda: model_lib.init_params(mc, jax.random.PRNGKey(0)))
   rng = np.random.default_rng(seed)
 
@@ -140,7 +144,6 @@ def _random_params(mc, seed=0):
 
 @pytest.fixture(scope="module")
 def model_embedder(tiny_config):
-  from m3jax.core.config import model_config
   mc = model_config(tiny_config)
   return ModelEmbedder(mc, _random_params(mc), _encode, batch_size=4)
 
@@ -184,8 +187,19 @@ def test_model_embedder_fit_state_round_trip(model_embedder, tmp_path):
     other_layer.load_state(path)
 
 
-def test_params_digest_changes_with_params(model_embedder):
+def test_params_id_is_the_params_fingerprint(model_embedder):
   params = model_embedder.params
   bumped = jax.tree.map(lambda a: a + 1e-3, params)
-  assert emb_lib.params_digest(params) == emb_lib.params_digest(params)
-  assert emb_lib.params_digest(params) != emb_lib.params_digest(bumped)
+  assert model_embedder.params_id == artifacts.params_fingerprint(params)
+  assert artifacts.params_fingerprint(params) != artifacts.params_fingerprint(bumped)
+
+
+def test_state_of_other_params_asks_for_an_index_rebuild(model_embedder, tmp_path):
+  # E.g. an index built before the params fingerprint was m3jax.core.artifacts'.
+  old = ModelEmbedder(model_embedder.model_config, model_embedder.params, _encode,
+                      batch_size=4, params_id="0123456789abcdef").fit(REFERENCES[:2])
+  path = str(tmp_path / "old.npz")
+  old.save(path)
+  with pytest.raises(EmbedderError, match="embedder fingerprint .*rebuild the index") as e:
+    load_embedder(path, model_config=old.model_config, params=old.params, encode=_encode)
+  assert "\n" not in str(e.value)

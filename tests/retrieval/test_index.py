@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from m3jax.retrieval import index as ix
-from m3jax.retrieval.embedder import LexicalEmbedder
+from m3jax.retrieval.lexical_embedder import LexicalEmbedder
 from m3jax.retrieval.index import IndexDirError, IndexSettings
+from m3jax.retrieval.sharded_index import ShardedIndex
 
 
 def _clustered(n, n_queries, dim=32, n_clusters=60, seed=0):
@@ -78,7 +79,7 @@ def test_sharded_merge_equals_single_index_on_union(data):
   ids = np.random.default_rng(1).permutation(100_000)[:3000].astype(np.int64)
   whole = ix.build_index(x, ids, fingerprint="fp")
   parts = np.array_split(np.arange(3000), 3)
-  sharded = ix.ShardedIndex([ix.build_index(x[p], ids[p], fingerprint="fp") for p in parts])
+  sharded = ShardedIndex([ix.build_index(x[p], ids[p], fingerprint="fp") for p in parts])
   assert len(sharded) == 3000
   a, b = whole.search(q, 10), sharded.search(q, 10)
   np.testing.assert_array_equal(a[0], b[0])
@@ -90,9 +91,9 @@ def test_sharded_index_refuses_mixed_shards(data):
   x, _ = data
   a = ix.build_index(x[:100], np.arange(100), fingerprint="fp")
   with pytest.raises(IndexDirError, match="share ids"):
-    ix.ShardedIndex([a, ix.build_index(x[:100], np.arange(100), fingerprint="fp")])
+    ShardedIndex([a, ix.build_index(x[:100], np.arange(100), fingerprint="fp")])
   with pytest.raises(IndexDirError, match="embedder"):
-    ix.ShardedIndex([a, ix.build_index(x[:100], np.arange(100, 200), fingerprint="other")])
+    ShardedIndex([a, ix.build_index(x[:100], np.arange(100, 200), fingerprint="other")])
 
 
 def test_fewer_vectors_than_k_pads(data):

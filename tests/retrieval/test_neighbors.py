@@ -2,12 +2,22 @@
 
 import os
 
+import jax
 import numpy as np
 import pytest
 
-from m3jax.retrieval import neighbors as nb
+from data_pipeline import prepare
+from data_pipeline import tfds_builders
+from m3jax.core import workspace
+from m3jax.core.config import apply_override, model_config
+from m3jax.model import params_io
+from m3jax.model import transformer as model_lib
 from m3jax.retrieval import index as ix
-from m3jax.retrieval.embedder import LexicalEmbedder
+from m3jax.retrieval import neighbor_table as nt
+from m3jax.retrieval import neighbors as nb
+from m3jax.retrieval import overlap as ov
+from m3jax.retrieval import reference_index
+from m3jax.retrieval.lexical_embedder import LexicalEmbedder
 
 CHUNK = 16
 
@@ -61,7 +71,7 @@ def _sequence(tok, texts):
 
 
 def _settings(**kw):
-  return nb.MiningSettings(chunk_length=CHUNK, candidates=5, shard_size=2, **kw)
+  return nt.MiningSettings(chunk_length=CHUNK, candidates=5, shard_size=2, **kw)
 
 
 def _lookup(ref_tokens):
@@ -151,18 +161,18 @@ def test_killed_run_resumes_to_identical_files(world, tmp_path):
   seqs = _corpus(world[0])
   _mine(world, tmp_path / "full", seqs)
   full = _files(tmp_path / "full")
-  assert sorted(full) == ["manifest.json"] + [nb.shard_name(i) for i in range(4)]
+  assert sorted(full) == ["manifest.json"] + [nt.shard_name(i) for i in range(4)]
 
   part = tmp_path / "part"
   _mine(world, part, seqs, max_shards=2)  # "killed" after two shards ...
-  (part / (nb.shard_name(2) + ".tmp-99999")).write_bytes(b"half a shard")  # ... mid-write
-  assert not (part / nb.shard_name(2)).exists()
-  with pytest.raises(nb.NeighborTableError, match="incomplete: 2 of 4"):
-    nb.NeighborTable(str(part))
+  (part / (nt.shard_name(2) + ".tmp-99999")).write_bytes(b"half a shard")  # ... mid-write
+  assert not (part / nt.shard_name(2)).exists()
+  with pytest.raises(nt.NeighborTableError, match="incomplete: 2 of 4"):
+    nt.NeighborTable(str(part))
   _mine(world, part, seqs)
   assert _files(part) == full  # byte-identical, no temporary left behind
 
-  table = nb.NeighborTable(str(part))
+  table = nt.NeighborTable(str(part))
   assert len(table) == 7 and table[6].shape == (4,) and table[6].dtype == np.int32
   np.testing.assert_array_equal(table.rows(0, 7), np.stack([table[i] for i in range(7)]))
 
@@ -178,20 +188,20 @@ def test_processes_split_shards(world, tmp_path):
 def test_rerun_with_other_settings_is_refused(world, tmp_path):
   seqs = _corpus(world[0])
   _mine(world, tmp_path / "t", seqs)
-  with pytest.raises(nb.NeighborTableError, match="overlap_threshold"):
+  with pytest.raises(nt.NeighborTableError, match="overlap_threshold"):
     _mine(world, tmp_path / "t", seqs, settings=_settings(overlap_threshold=0.5))
 
 
 def test_reader_refuses_a_mismatched_manifest(world, tmp_path):
   seqs = _corpus(world[0])
   _mine(world, tmp_path / "t", seqs)
-  nb.NeighborTable(str(tmp_path / "t"), expect={"inputs": {"corpus": "toy"}, "n_sequences": 7})
-  with pytest.raises(nb.NeighborTableError, match="inputs.corpus"):
-    nb.NeighborTable(str(tmp_path / "t"), expect={"inputs": {"corpus": "other"}})
-  with pytest.raises(nb.NeighborTableError, match="no neighbor table"):
-    nb.NeighborTable(str(tmp_path / "missing"))
+  nt.NeighborTable(str(tmp_path / "t"), expect={"inputs": {"corpus": "toy"}, "n_sequences": 7})
+  with pytest.raises(nt.NeighborTableError, match="inputs.corpus"):
+    nt.NeighborTable(str(tmp_path / "t"), expect={"inputs": {"corpus": "other"}})
+  with pytest.raises(nt.NeighborTableError, match="no neighbor table"):
+    nt.NeighborTable(str(tmp_path / "missing"))
   with pytest.raises(IndexError):
-    nb.NeighborTable(str(tmp_path / "t"))[7]
+    nt.NeighborTable(str(tmp_path / "t"))[7]
 
 
 def test_embedder_must_match_the_index(world, tmp_path):
@@ -206,27 +216,24 @@ def test_embedder_must_match_the_index(world, tmp_path):
 # ---------------------------------------------------------------- a prepared workdir
 
 def test_workdir_index_and_mining_end_to_end(tiny_prepared, tmp_path):
-  from data_pipeline import prepare
-  from data_pipeline import tfds_builders
-  from m3jax.retrieval import overlap as ov
-  from m3jax.core.config import apply_override
-
   cfg, workdir = tiny_prepared
-  root = prepare.data_root(cfg, str(workdir))
+  root = workspace.data_root(cfg, str(workdir))
   refs = prepare.open_references(root)
   idx_dir, out = str(tmp_path / "index"), str(tmp_path / "neighbors")
-  index = ix.build_reference_index(cfg, str(workdir), out=idx_dir, progress_every_s=None)
+  index = reference_index.build_reference_index(cfg, str(workdir), out=idx_dir,
+                                                progress_every_s=None)
   assert index.count == len(refs) and index.dim == cfg.data.embed_dim
-  again = ix.build_reference_index(cfg, str(workdir), out=idx_dir, progress_every_s=None)
+  again = reference_index.build_reference_index(cfg, str(workdir), out=idx_dir,
+                                                progress_every_s=None)
   assert again.fingerprint == index.fingerprint  # reused, not rebuilt
   other = cfg.copy_and_resolve_references()
   apply_override(other, "data.embed_dim", "32")
   with pytest.raises(ix.IndexDirError, match="other inputs"):
-    ix.build_reference_index(other, str(workdir), out=idx_dir, progress_every_s=None)
+    reference_index.build_reference_index(other, str(workdir), out=idx_dir, progress_every_s=None)
 
   manifest = nb.mine_workdir(cfg, str(workdir), index_path=idx_dir, out=out,
                              progress_every_s=None)
-  table = nb.open_neighbor_table(cfg, root, path=out)
+  table = nt.open_neighbor_table(cfg, root, path=out)
   packed = tfds_builders.open_split(prepare.dataset_path(root, "packed"), "train")
   C = cfg.model.max_seq_len // cfg.model.chunk_length
   assert len(table) == len(packed) == manifest["n_sequences"]
@@ -241,17 +248,11 @@ def test_workdir_index_and_mining_end_to_end(tiny_prepared, tmp_path):
 
   stricter = cfg.copy_and_resolve_references()
   apply_override(stricter, "data.train_overlap_threshold", "0.5")
-  with pytest.raises(nb.NeighborTableError, match="overlap_threshold"):
-    nb.open_neighbor_table(stricter, root, path=out)
+  with pytest.raises(nt.NeighborTableError, match="overlap_threshold"):
+    nt.open_neighbor_table(stricter, root, path=out)
 
 
 def test_model_embedder_index_and_mining(tiny_prepared, tmp_path):
-  import jax
-  from data_pipeline import prepare
-  from m3jax.model import transformer as model_lib
-  from m3jax.model import params_io
-  from m3jax.core.config import apply_override, model_config
-
   cfg, workdir = tiny_prepared
   cfg = cfg.copy_and_resolve_references()
   apply_override(cfg, "data.embedder", "model")
@@ -266,12 +267,12 @@ def test_model_embedder_index_and_mining(tiny_prepared, tmp_path):
   params_io.save_params(params_dir, params, cfg)
 
   idx_dir, out = str(tmp_path / "index"), str(tmp_path / "neighbors")
-  index = ix.build_reference_index(cfg, str(workdir), params_dir=params_dir, out=idx_dir,
-                                   progress_every_s=None)
+  index = reference_index.build_reference_index(cfg, str(workdir), params_dir=params_dir,
+                                                out=idx_dir, progress_every_s=None)
   assert index.embedder_kind == "model" and index.dim == mc.d_model
   with pytest.raises(ix.IndexDirError, match="--params"):
     nb.mine_workdir(cfg, str(workdir), index_path=idx_dir, out=out, progress_every_s=None)
   nb.mine_workdir(cfg, str(workdir), params_dir=params_dir, index_path=idx_dir, out=out,
                   progress_every_s=None)
-  table = nb.open_neighbor_table(cfg, prepare.data_root(cfg, str(workdir)), path=out)
+  table = nt.open_neighbor_table(cfg, workspace.data_root(cfg, str(workdir)), path=out)
   assert (table.rows(0, len(table)) >= 0).mean() > 0.9

@@ -6,7 +6,8 @@ import numpy as np
 
 from data_pipeline import knowledge_world as kw
 from data_pipeline import prepare
-from m3jax.retrieval import index as index_lib
+from m3jax.core import workspace
+from m3jax.retrieval import reference_index
 
 
 def test_questions_retrieve_their_person_and_answering_sentence(tiny_prepared, tmp_path):
@@ -14,9 +15,9 @@ def test_questions_retrieve_their_person_and_answering_sentence(tiny_prepared, t
   cfg = cfg.copy_and_resolve_references()
   cfg.data.embed_dim = 256  # the base / demo size; tiny.py's 64 dims collide on names
   shutil.copytree(src / "data", tmp_path / "data")
-  index_lib.build_reference_index(cfg, str(tmp_path))
-  root = prepare.data_root(cfg, str(tmp_path))
-  index, embedder = index_lib.load_reference_index(index_lib.index_dir(cfg, str(tmp_path)))
+  reference_index.build_reference_index(cfg, str(tmp_path))
+  root = workspace.data_root(cfg, str(tmp_path))
+  index, embedder = reference_index.load_reference_index(workspace.index_dir(cfg, str(tmp_path)))
   refs = prepare.open_references(root)
   questions = prepare.read_questions(root, "eval")
   assert len(questions) >= 100

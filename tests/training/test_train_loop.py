@@ -97,11 +97,11 @@ def test_two_processes_match_one(tiny_prepared, tmp_path, reference_run):
 
 def test_continual_stage_from_warmup_reads_memory(tiny_prepared, tmp_path, reference_run):
   from m3jax.retrieval import neighbors as neighbors_lib
-  from m3jax.retrieval import index as index_lib
+  from m3jax.retrieval import reference_index
   from m3jax.training import loop as train_lib
   cfg, _ = tiny_prepared
   wd = _workdir(tiny_prepared, tmp_path, "continual")
-  index_lib.build_reference_index(cfg, str(wd))
+  reference_index.build_reference_index(cfg, str(wd))
   for split in ("train", "validation"):
     neighbors_lib.mine_workdir(cfg, str(wd), split=split, progress_every_s=None)
   c = cfg.copy_and_resolve_references()
