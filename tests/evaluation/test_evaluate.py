@@ -9,9 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m3jax.evaluation import evaluate as ev
+from m3jax.evaluation import runner
+from m3jax.evaluation import scoring
+from m3jax.evaluation import tasks
+from m3jax.evaluation import text_metrics
 from m3jax.retrieval import schedule as sched
 from m3jax.core.config import load_config, model_config
+from m3jax.inference.session import Inference
 from m3jax.memory.source import ArrayReferenceStore, EncodeOnTheFly
 from m3jax.model.transformer import Transformer, init_params
 from m3jax.retrieval.retriever import Retrieval
@@ -75,15 +79,15 @@ class FakeScorer:
 
   def loglikelihood(self, requests):
     self.requests += list(requests)
-    return [ev.LLResult(self.table[r.continuation], 1, False) for r in requests]
+    return [scoring.LLResult(self.table[r.continuation], 1, False) for r in requests]
 
 
 def test_multiple_choice_acc_and_acc_norm_pick_different_choices():
   # "a": -2 (per char -2); "bbbbbbbb": -3 (per char -0.375). acc picks "a", acc_norm the other.
   scorer = FakeScorer({"a": -2.0, "bbbbbbbb": -3.0, "x": -1.0, "y": -5.0})
-  items = [ev.MCItem("ctx1", ("a", "bbbbbbbb"), 0, "q1", "seen"),
-           ev.MCItem("ctx2", ("y", "x"), 1, "q2", "unseen")]
-  got = ev.score_multiple_choice(scorer, items)
+  items = [tasks.MCItem("ctx1", ("a", "bbbbbbbb"), 0, "q1", "seen"),
+           tasks.MCItem("ctx2", ("y", "x"), 1, "q2", "unseen")]
+  got = scoring.score_multiple_choice(scorer, items)
   assert got["n"] == 2
   assert got["acc"] == {"all": 1.0, "seen": 1.0, "unseen": 1.0}
   assert got["acc_norm"] == {"all": 0.5, "seen": 0.0, "unseen": 1.0}
@@ -93,7 +97,7 @@ def test_multiple_choice_acc_and_acc_norm_pick_different_choices():
 
 def test_multiple_choice_rejects_a_gold_index_out_of_range():
   with pytest.raises(ValueError, match="item 0: gold index 2"):
-    ev.score_multiple_choice(FakeScorer({}), [ev.MCItem("c", ("a", "b"), 2, "q")])
+    scoring.score_multiple_choice(FakeScorer({}), [tasks.MCItem("c", ("a", "b"), 2, "q")])
 
 
 @pytest.mark.parametrize("prediction,answer,want", [
@@ -104,13 +108,13 @@ def test_multiple_choice_rejects_a_gold_index_out_of_range():
     ("", "x", False),
 ])
 def test_exact_match_normalisation(prediction, answer, want):
-  assert ev.exact_match(prediction, answer) is want
+  assert text_metrics.exact_match(prediction, answer) is want
 
 
 def test_score_exact_match_by_group():
-  items = [ev.QAItem("p1", "Ardenmere", "q1", "seen"), ev.QAItem("p2", "Belcaster", "q2", "seen"),
-           ev.QAItem("p3", "Corvale", "q3", "unseen")]
-  got = ev.score_exact_match(lambda its: [" Ardenmere.", " Dunmarsh.", "corvale"], items)
+  items = [tasks.QAItem("p1", "Ardenmere", "q1", "seen"), tasks.QAItem("p2", "Belcaster", "q2", "seen"),
+           tasks.QAItem("p3", "Corvale", "q3", "unseen")]
+  got = scoring.score_exact_match(lambda its: [" Ardenmere.", " Dunmarsh.", "corvale"], items)
   assert got["exact_match"] == {"all": pytest.approx(2 / 3), "seen": 0.5, "unseen": 1.0}
 
 
@@ -121,10 +125,10 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(cfg, params, sourc
   seqs = [rng.integers(5, cfg.vocab_size, n) for n in (17, 40, 33)]
   for mode, kw in (("none", {}), ("explicit", dict(retrieval=sched.MemoryRetrieval.for_model(
       cfg, RecordingRetriever(cfg.memories_per_chunk), source, WordTokenizer().decode)))):
-    scorer = ev.Scorer(cfg, p, WordTokenizer(), mode, batch_size=4, **kw)
+    scorer = scoring.Scorer(cfg, p, WordTokenizer(), mode, batch_size=4, **kw)
     nll, n = scorer.sequence_nll(seqs)
     assert n == 16 + 39 + 32
-    got = ev.perplexity_from(nll, n)
+    got = text_metrics.perplexity_from(nll, n)
     assert got["perplexity"] == pytest.approx(cfg.vocab_size, rel=1e-5)
 
 
@@ -148,17 +152,17 @@ def _check_against_direct_forwards(cfg, params, tok, reqs, got):
 
 def test_loglikelihood_matches_a_direct_forward_without_memory(cfg, params):
   tok = WordTokenizer()
-  scorer = ev.Scorer(cfg, params, tok, "none", batch_size=4)
-  reqs = [ev.LLRequest("10 11 12", " 13 14", "q"), ev.LLRequest("20 " * 19, "21", "q")]
+  scorer = scoring.Scorer(cfg, params, tok, "none", batch_size=4)
+  reqs = [scoring.LLRequest("10 11 12", " 13 14", "q"), scoring.LLRequest("20 " * 19, "21", "q")]
   _check_against_direct_forwards(cfg, params, tok, reqs, scorer.loglikelihood(reqs))
 
 
 def test_choices_sharing_a_context_score_as_separate_forwards(cfg, params):
   # none / rag encode a context once and feed its choices with decode steps.
   tok = WordTokenizer()
-  scorer = ev.Scorer(cfg, params, tok, "none", batch_size=2)
+  scorer = scoring.Scorer(cfg, params, tok, "none", batch_size=2)
   conts = (" 13", " 14 15 16", " 17 18", " 19 20 21 22 23")
-  reqs = [ev.LLRequest("10 11 12", c, "q") for c in conts] + [ev.LLRequest("30", " 31", "q")]
+  reqs = [scoring.LLRequest("10 11 12", c, "q") for c in conts] + [scoring.LLRequest("30", " 31", "q")]
   _check_against_direct_forwards(cfg, params, tok, reqs, scorer.loglikelihood(reqs))
 
 
@@ -168,10 +172,10 @@ def test_explicit_scoring_retrieves_like_a_prompt_and_matches_a_direct_forward(
   L, m = cfg.chunk_length, cfg.memories_per_chunk
   retriever = RecordingRetriever(m)
   retrieval = sched.MemoryRetrieval.for_model(cfg, retriever, source, tok.decode)
-  scorer = ev.Scorer(cfg, params, tok, "explicit", retrieval=retrieval, batch_size=4)
+  scorer = scoring.Scorer(cfg, params, tok, "explicit", retrieval=retrieval, batch_size=4)
   context = " ".join(str(100 + i) for i in range(19))  # <s> + 19 = 20 tokens: chunk 1 partial
   cont = " " + " ".join(str(200 + i) for i in range(20))
-  (got,) = scorer.loglikelihood([ev.LLRequest(context, cont, "the question")])
+  (got,) = scorer.loglikelihood([scoring.LLRequest(context, cont, "the question")])
 
   seq = [cfg.bos_id] + tok.encode(context) + tok.encode(cont)
   text = lambda a, b: tok.decode([t for t in seq[a:b] if t != cfg.bos_id])
@@ -191,9 +195,9 @@ def test_explicit_scoring_retrieves_like_a_prompt_and_matches_a_direct_forward(
 def test_rag_scoring_prepends_references_retrieved_once_per_question(cfg, params, store):
   tok = WordTokenizer()
   retriever = RecordingRetriever(2)
-  scorer = ev.Scorer(cfg, params, tok, "rag", retriever=retriever, references=store,
+  scorer = scoring.Scorer(cfg, params, tok, "rag", retriever=retriever, references=store,
                      batch_size=4)
-  reqs = [ev.LLRequest("10 11", " 12", "7 7"), ev.LLRequest("10 11", " 13", "7 7")]
+  reqs = [scoring.LLRequest("10 11", " 12", "7 7"), scoring.LLRequest("10 11", " 13", "7 7")]
   got = scorer.loglikelihood(reqs)
   assert retriever.calls == [(["7 7"], ["7 7"])]
   ids = np.array([(zlib.crc32(b"7 7") + 3 * j) % N_REFS for j in range(2)])
@@ -216,19 +220,19 @@ def _write(path, rows):
 def test_jsonl_loaders(tmp_path):
   hs = _write(tmp_path / "hs.jsonl", [
       {"ctx": "A man [title] sits.", "endings": ["e0", "e1", "e2", "e3"], "label": "2"}])
-  (item,) = ev.load_mc_jsonl("hellaswag", hs)
+  (item,) = tasks.load_mc_jsonl("hellaswag", hs)
   assert item.context == "A man. sits." and item.choices == (" e0", " e1", " e2", " e3")
   assert item.gold == 2
   arc = _write(tmp_path / "arc.jsonl", [
       {"question": "Why?", "choices": {"text": ["x", "y"], "label": ["A", "B"]},
        "answerKey": "B"}])
-  (item,) = ev.load_mc_jsonl("arc", arc)
+  (item,) = tasks.load_mc_jsonl("arc", arc)
   assert item.context == "Question: Why?\nAnswer:" and item.gold == 1
   assert item.choices == (" x", " y")
   bq = _write(tmp_path / "bq.jsonl", [
       {"passage": "P.", "question": "is it", "answer": True},
       {"passage": "P.", "question": "is it not", "answer": "false"}])
-  items = ev.load_mc_jsonl("boolq", bq)
+  items = tasks.load_mc_jsonl("boolq", bq)
   assert [i.gold for i in items] == [1, 0] and items[0].choices == (" no", " yes")
   assert items[0].context == "P.\nQuestion: Is it?\nAnswer:"
 
@@ -237,9 +241,9 @@ def test_jsonl_loader_errors_name_file_line_and_field(tmp_path):
   bad = _write(tmp_path / "arc.jsonl", [{"question": "Why?", "choices": {"text": ["x"],
                                                                         "label": ["A"]}}])
   with pytest.raises(ValueError, match=r"arc.jsonl:1: missing field `answerKey`"):
-    ev.load_mc_jsonl("arc", bad)
+    tasks.load_mc_jsonl("arc", bad)
   with pytest.raises(FileNotFoundError, match="nope.jsonl"):
-    ev.load_mc_jsonl("arc", str(tmp_path / "nope.jsonl"))
+    tasks.load_mc_jsonl("arc", str(tmp_path / "nope.jsonl"))
 
 
 # ---------------------------------------------------------------- running and reporting
@@ -263,30 +267,31 @@ def test_run_all_reports_every_mode_and_filter_effect(cfg, params, source, store
       drop = np.full(len(queries), 0 if self.overlap_threshold is None else 1, np.int64)
       return got._replace(dropped=drop)
 
-  setup = ev.EvalSetup(cfg, params, tok, retriever=DroppingRetriever(cfg.memories_per_chunk),
-                       references=store, memory_source=source, batch_size=4, max_new_tokens=3)
-  mc = [ev.MCItem("10 11 12", (" 13", " 14 15"), 0, "10 11 12", "seen")]
-  qa = [ev.QAItem("10 11 12", "13", "10 11 12", "unseen")]
-  results = ev.run_all(setup, {"kw_mc": mc, "kw_qa": qa}, ["none", "explicit"],
-                       unfiltered=True, log=lambda s: None)
+  inf = Inference(cfg=None, config=cfg, params=params, step=None, tokenizer=tok, data_root="",
+                  retriever=DroppingRetriever(cfg.memories_per_chunk), references=store,
+                  memory_source=source)
+  mc = [tasks.MCItem("10 11 12", (" 13", " 14 15"), 0, "10 11 12", "seen")]
+  qa = [tasks.QAItem("10 11 12", "13", "10 11 12", "unseen")]
+  results = runner.run_all(inf, {"kw_mc": mc, "kw_qa": qa}, ["none", "explicit"],
+                           batch_size=4, max_new_tokens=3, unfiltered=True, log=lambda s: None)
   assert set(results["kw_mc"]) == {"none", "explicit", "explicit/unfiltered"}
   assert results["kw_mc"]["explicit"]["retrieval"]["dropped_by_filter"] == 1
   assert results["kw_mc"]["explicit/unfiltered"]["retrieval"]["dropped_by_filter"] == 0
   assert results["kw_qa"]["explicit"]["retrieval"]["queries"] >= 1
-  table = ev.format_table(results)
+  table = runner.format_table(results)
   assert "kw_mc acc [seen]" in table and "kw_qa refs dropped by filter" in table
   assert "explicit/unfiltered" in table.splitlines()[0]
 
 
 def test_parse_tasks_flag():
-  assert ev.parse_tasks(["perplexity", "arc=/d/arc.jsonl"]) == {"perplexity": None,
+  assert tasks.parse_tasks(["perplexity", "arc=/d/arc.jsonl"]) == {"perplexity": None,
                                                                "arc": "/d/arc.jsonl"}
   with pytest.raises(ValueError, match="unknown task 'mmlu'"):
-    ev.parse_tasks(["mmlu"])
+    tasks.parse_tasks(["mmlu"])
   with pytest.raises(ValueError, match="boolq needs a JSONL file"):
-    ev.parse_tasks(["boolq"])
+    tasks.parse_tasks(["boolq"])
   with pytest.raises(ValueError, match="kw_qa takes no file"):
-    ev.parse_tasks(["kw_qa=x"])
+    tasks.parse_tasks(["kw_qa=x"])
 
 
 def test_continuations_are_tokenized_as_in_the_running_text(tmp_path):
@@ -298,7 +303,7 @@ def test_continuations_are_tokenized_as_in_the_running_text(tmp_path):
   tok = tok_lib.train_tokenizer([d.text for d in world.train_documents + world.kb_documents],
                                 str(tmp_path / "m3"), vocab_size=512)
   context, cont = "Question: Where was Alia Ashwick born?\nAnswer:", " Corvale Bay"
-  ctx, got = ev.split_continuation(tok, context, cont)
+  ctx, got = scoring.split_continuation(tok, context, cont)
   whole = tok.encode(context + cont)
   assert ctx + got == whole and ctx == tok.encode(context)
   assert tok.decode(got) == "Corvale Bay"
@@ -310,7 +315,7 @@ def test_heldout_sequences_drop_padding(tiny_prepared):
   from data_pipeline import prepare
   root = prepare.data_root(cfg, str(workdir))
   pad = prepare.open_tokenizer(root).pad_id
-  seqs = ev.load_heldout_sequences(root)
+  seqs = tasks.load_heldout_sequences(root)
   assert seqs and all(pad not in s.tolist() for s in seqs)
   # The split's last sequence is padded at the end: its text is kept, the padding is not.
   assert len(seqs[-1]) <= cfg.model.max_seq_len + 1
