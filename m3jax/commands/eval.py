@@ -5,7 +5,7 @@
       [--modes=explicit,none,rag] [--limit=200] [--bank=DIR] [--index=DIR] \\
       [--overlap_threshold=0.667 | --noleakage_filter] [--unfiltered] [--output=FILE]
 
-Tasks (m3jax.evaluation.evaluate): perplexity (held-out packed sequences), kw_qa (knowledge
+Tasks (m3jax.evaluation.tasks): perplexity (held-out packed sequences), kw_qa (knowledge
 world exact match by greedy generation, per entity group), kw_mc (the same
 questions as multiple choice), hellaswag / arc / boolq (=FILE: lm-evaluation-
 harness style JSONL). The leakage filter (references with overlap above the
@@ -18,16 +18,14 @@ JSON to --output (default `<workdir>/eval/results-step<STEP>.json`, or
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-import time
 
 from absl import app
 from absl import flags
 
 from m3jax import commands
-from m3jax.evaluation import evaluate as ev
+from m3jax.evaluation import runner
+from m3jax.evaluation import tasks as tasks_lib
 from m3jax.inference import generate as gen_lib
 from m3jax.inference import session as inference
 
@@ -61,7 +59,7 @@ def main(argv: list[str]) -> None:
   commands.check_args(argv)
   checkpoint = _CHECKPOINT.value or _WORKDIR.value
   try:
-    tasks = ev.parse_tasks(_TASK.value)
+    tasks = tasks_lib.parse_tasks(_TASK.value)
     modes = [m.strip() for m in _MODES.value]
     for m in modes:
       if m not in gen_lib.MEMORY_MODES:
@@ -73,43 +71,19 @@ def main(argv: list[str]) -> None:
     inf = inference.open_inference(checkpoint, modes=modes, workdir=_WORKDIR.value,
                                    data_dir=_DATA_DIR.value, index_dir=_INDEX.value,
                                    bank_dir=_BANK.value, dtype=_DTYPE.value)
-    threshold = None
-    if _FILTER.value:
-      threshold = (_THRESHOLD.value if _THRESHOLD.value is not None
-                   else float(inf.cfg.data.eval_overlap_threshold))
-    if inf.retriever is not None:
-      inf.retriever = inf.retriever.with_threshold(threshold)
-    data = {}
-    for name, path in tasks.items():
-      if name == "perplexity":
-        data[name] = ev.load_heldout_sequences(inf.data_root, _LIMIT.value)
-      elif name in ("kw_qa", "kw_mc", "kw_coverage"):
-        qa, mc = ev.load_knowledge_qa(inf.data_root, _LIMIT.value)
-        data[name] = mc if name == "kw_mc" else qa
-      else:
-        data[name] = ev.load_mc_jsonl(name, path, _LIMIT.value)
+    threshold = runner.filter_threshold(inf, _FILTER.value, _THRESHOLD.value)
+    data = tasks_lib.load_tasks(tasks, inf.data_root, _LIMIT.value)
   except (ValueError, FileNotFoundError, KeyError) as e:
     print(f"m3jax eval: error: {e}", file=sys.stderr)
     sys.exit(1)
 
-  setup = ev.EvalSetup(inf.config, inf.params, inf.tokenizer, retriever=inf.retriever,
-                       references=inf.references, memory_source=inf.memory_source,
-                       batch_size=_BATCH.value, max_new_tokens=_MAX_NEW.value)
-  t0 = time.time()
   log = lambda msg: print(msg, file=sys.stderr, flush=True)
-  results = ev.run_all(setup, data, modes, unfiltered=_UNFILTERED.value and _FILTER.value,
-                       log=log)
-  report = dict(checkpoint=inf.paths["checkpoint"], step=inf.step, paths=inf.paths,
-                modes=modes, leakage_filter_threshold=threshold,
-                items={k: len(v) for k, v in data.items()},
-                seconds=round(time.time() - t0, 1), results=results)
-  print(ev.format_table(results))
-  name = "results.json" if inf.step is None else f"results-step{inf.step}.json"
-  out = _OUTPUT.value or os.path.join(_WORKDIR.value or checkpoint, "eval", name)
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out + ".tmp", "w") as f:
-    json.dump(report, f, indent=2)
-  os.replace(out + ".tmp", out)
+  report = runner.evaluate_checkpoint(inf, data, modes, threshold=threshold,
+                                      batch_size=_BATCH.value, max_new_tokens=_MAX_NEW.value,
+                                      unfiltered=_UNFILTERED.value, log=log)
+  print(runner.format_table(report["results"]))
+  out = runner.report_path(_OUTPUT.value, _WORKDIR.value or checkpoint, inf.step)
+  runner.write_report(out, report)
   print(f"results: {out}", file=sys.stderr)
 
 

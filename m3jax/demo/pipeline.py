@@ -13,7 +13,7 @@ resume by themselves too):
   continual  m3jax.training.loop.train (stage continual, init_from = the warmup workdir)
                                                        <workdir>/continual
   encode     m3jax.memory.encode_job.run                      <workdir>/bank
-  eval       m3jax.evaluation.evaluate (kw_mc, kw_qa, perplexity in modes none/explicit/rag)
+  eval       m3jax.evaluation.runner (kw_mc, kw_qa, perplexity in modes none/explicit/rag)
                                                        <workdir>/eval/results.json
   bench      m3jax.bench.decode.run (tokens/s of none/explicit/rag decoding)
                                                        <workdir>/bench_decode.json
@@ -42,7 +42,8 @@ from m3jax.core import config as config_lib
 from m3jax.core import metrics as metrics_lib
 from m3jax.core import workspace
 from m3jax.core.config import model_config
-from m3jax.evaluation import evaluate as ev
+from m3jax.evaluation import runner as eval_runner
+from m3jax.evaluation import tasks as eval_tasks
 from m3jax.inference import session as inference
 from m3jax.memory import bank as bank_lib
 from m3jax.memory import encode_job
@@ -229,21 +230,18 @@ def _eval_stage(cfg: ml_collections.ConfigDict, workdir: str, s: dict[str, Any]
   inf.retriever = inf.retriever.with_threshold(threshold)
   data: dict[str, Any] = {}
   limit = int(s["eval_limit"]) or None
-  qa, mc = ev.load_knowledge_qa(root, limit)
+  qa, mc = eval_tasks.load_knowledge_qa(root, limit)
   for task in s["eval_tasks"]:
     if task == "kw_mc":
       data[task] = mc
     elif task in ("kw_qa", "kw_coverage"):
       data[task] = qa
     elif task == "perplexity":
-      data[task] = ev.load_heldout_sequences(root, int(s["perplexity_limit"]) or None)
+      data[task] = eval_tasks.load_heldout_sequences(root, int(s["perplexity_limit"]) or None)
     else:
       raise DemoError(f"config field `demo.eval_tasks`: unknown task {task!r}")
-  setup = ev.EvalSetup(inf.config, inf.params, inf.tokenizer, retriever=inf.retriever,
-                       references=inf.references, memory_source=inf.memory_source,
-                       batch_size=int(s["eval_batch_size"]),
-                       max_new_tokens=int(s["eval_max_new_tokens"]))
-  results = ev.run_all(setup, data, list(MODES), log=_say)
+  results = eval_runner.run_all(inf, data, list(MODES), batch_size=int(s["eval_batch_size"]),
+                                max_new_tokens=int(s["eval_max_new_tokens"]), log=_say)
   if hasattr(inf.memory_source, "close"):
     inf.memory_source.close()
   report = dict(checkpoint=inf.paths["checkpoint"], step=inf.step, paths=inf.paths,
@@ -256,7 +254,7 @@ def _eval_stage(cfg: ml_collections.ConfigDict, workdir: str, s: dict[str, Any]
   with open(out + ".tmp", "w") as f:
     json.dump(report, f, indent=2, default=_jsonable)
   os.replace(out + ".tmp", out)
-  _say("\n" + ev.format_table(results))
+  _say("\n" + eval_runner.format_table(results))
   return dict(path=out)
 
 

@@ -26,16 +26,17 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from m3jax.memory import encode_job
-from m3jax.evaluation import evaluate as ev
 from m3jax.core.config import ModelConfig
+from m3jax.evaluation.scoring import split_continuation
+from m3jax.evaluation.text_metrics import group_means
+from m3jax.memory import encode_job
 
 REFS_PER_DEVICE = 16  # references per encoding step and data-parallel device
 
 
 def answer_tokens(tokenizer: Any, answer: str) -> list[int]:
   """The answer's tokens as they appear after a word and a space in running text."""
-  return ev.split_continuation(tokenizer, "a", " " + answer.strip())[1]
+  return split_continuation(tokenizer, "a", " " + answer.strip())[1]
 
 
 def find_subsequence(haystack: Sequence[int], needle: Sequence[int]) -> int:
@@ -79,7 +80,7 @@ def answer_coverage(items: Sequence[Any], config: ModelConfig, params: Any, toke
       retrieved[q] = True
       kept_by_layer[q] |= (kept[i] == p + at).any(axis=(1, 2))
   groups = [getattr(it, "group", "") for it in items]
-  by_group = lambda values: ev._group_means(values.tolist(), groups)
+  by_group = lambda values: group_means(values.tolist(), groups)
   result: dict[str, Any] = dict(answer_retrieved=by_group(retrieved))
   for layer in range(n_layers):
     result[f"answer_kept_l{config.memory_layers[layer]}"] = by_group(kept_by_layer[:, layer])

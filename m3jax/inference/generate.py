@@ -311,7 +311,7 @@ class TextGenerator:
       raise ValueError("memory mode 'rag' needs a retriever and the reference store")
     self.generator, self.tokenizer, self.mode = generator, tokenizer, mode
     self.retrieval, self.retriever, self.references = retrieval, retriever, references
-    self.separator = list(tokenizer.encode(rag_separator)) if rag_separator else []
+    self.separator = rag_lib.encode_separator(tokenizer, rag_separator)
     self.stats = dict(retrievals=0, rag_dropped=0, rag_refs=0)
 
   def contexts(self, prompts: Sequence[str], queries: Sequence[str] | None = None,
@@ -324,8 +324,8 @@ class TextGenerator:
                                  list(queries) if queries is not None else list(prompts),
                                  bos_id=bos, separator=self.separator,
                                  filter_texts=filter_texts)
-      self.stats["rag_dropped"] += int(got.dropped.sum())
-      self.stats["rag_refs"] += int((got.ref_ids >= 0).sum())
+      self.stats["rag_dropped"] += got.n_dropped
+      self.stats["rag_refs"] += got.n_refs
       self.stats["retrievals"] += len(prompts)
       contexts = got.contexts
     return contexts

@@ -6,9 +6,11 @@ import jax
 import numpy as np
 import pytest
 
-from m3jax.evaluation import evaluate as ev
+from m3jax.evaluation import runner
+from m3jax.evaluation import tasks
 from m3jax.evaluation import coverage as cov
 from m3jax.core.config import load_config, model_config
+from m3jax.inference.session import Inference
 from m3jax.memory.source import ArrayReferenceStore
 from m3jax.model.transformer import Transformer, init_params
 from m3jax.retrieval.retriever import Retrieval
@@ -61,7 +63,7 @@ def test_coverage_equals_the_models_kept_positions(setup):
     for at in (int(kept[i, 0, 0, 0]) - p, 3):
       if cov.find_subsequence(row, row[at:at + 2]) != at:
         continue  # the span occurs earlier too: the first occurrence would be checked
-      items.append(ev.QAItem("", " ".join(map(str, row[at:at + 2])), f"q{i}-{at}",
+      items.append(tasks.QAItem("", " ".join(map(str, row[at:at + 2])), f"q{i}-{at}",
                              "even" if i % 2 == 0 else "odd"))
       expect_kept.append([(kept[i, l] == p + at).any() for l in range(cfg.n_memory_layers)])
   # The gold reference plus one that holds other tokens; one question retrieves nothing.
@@ -87,12 +89,12 @@ def test_coverage_equals_the_models_kept_positions(setup):
 def test_coverage_runs_as_an_eval_task_in_explicit_mode_only(setup):
   cfg, params, store = setup
   row = store.tokens_by_ids(np.array([0]))[0][0].tolist()
-  items = [ev.QAItem("", f"{row[5]} {row[6]}", "q", "unseen")]
-  setup_ = ev.EvalSetup(cfg, params, WordTokenizer(), retriever=FixedRetriever([[0, 1]]),
-                        references=store)
-  results = ev.run_all(setup_, {"kw_coverage": items}, ["none", "explicit"], log=lambda m: None)
+  items = [tasks.QAItem("", f"{row[5]} {row[6]}", "q", "unseen")]
+  inf = Inference(cfg=None, config=cfg, params=params, step=None, tokenizer=WordTokenizer(),
+                  data_root="", retriever=FixedRetriever([[0, 1]]), references=store)
+  results = runner.run_all(inf, {"kw_coverage": items}, ["none", "explicit"], log=lambda m: None)
   assert list(results["kw_coverage"]) == ["explicit"]
   assert results["kw_coverage"]["explicit"]["answer_retrieved"]["unseen"] == 1.0
-  assert "kw_coverage answer_kept_any" in ev.format_table(results)
+  assert "kw_coverage answer_kept_any" in runner.format_table(results)
   with pytest.raises(ValueError, match="explicit"):
-    ev.run_task(setup_, "kw_coverage", items, "rag", retriever=setup_.retriever)
+    runner.run_task(inf, "kw_coverage", items, "rag", retriever=inf.retriever)

@@ -352,6 +352,25 @@ def test_rag_context_prepends_reference_tokens_once_per_prompt(cfg, store):
     assert out.contexts[row] == want + prompt[1:]
 
 
+def test_rag_references_keep_only_used_ids_and_count_what_the_filter_dropped(store):
+  class FilteringRetriever(RecordingRetriever):
+    def retrieve(self, queries, filter_texts=None):
+      got = super().retrieve(queries, filter_texts)
+      ids = got.ids.copy()
+      ids[0, 1:] = -1  # the filter removed two of the first query's references
+      return got._replace(ids=ids, dropped=np.array([2, 0], np.int64))
+
+  got = rag_lib.retrieve_references(FilteringRetriever(3), store, ["first", "second"])
+  toks, lens = store.tokens_by_ids(got.ref_ids)
+  assert [len(refs) for refs in got.tokens] == [1, 3]
+  assert got.tokens[1][2] == toks[1, 2, :lens[1, 2]].tolist()
+  assert got.n_refs == 4 and got.n_dropped == 2
+  out = rag_lib.rag_contexts(FilteringRetriever(3), store, [[7], [8]], ["first", "second"],
+                             bos_id=1)
+  assert out.references.tokens == got.tokens and out.n_refs == 4 and out.n_dropped == 2
+  assert out.contexts[0] == [1] + got.tokens[0][0] + [7]
+
+
 def test_read_prompts_from_flags_text_and_jsonl(tmp_path):
   txt = tmp_path / "p.txt"
   txt.write_text("first\\nline\n\nsecond\n")
