@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.param_dtype = "float32"
   m.dtype = "float32"  # compute dtype; bfloat16 on accelerators
   m.remat_policy = "none"  # none | full | dots_saveable | dots_with_no_batch_dims
-  # Explicit memory (DESIGN.md "Model semantics").
+  # Explicit memory (docs/model.md "Memory layers and memory heads").
   m.memory_layers = ml_collections.FieldReference(None, field_type=tuple)  # None = first half
   m.memory_heads = ml_collections.FieldReference(None, field_type=tuple)  # None = all KV heads
   m.memory_tokens_per_head = 8

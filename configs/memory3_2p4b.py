@@ -1,4 +1,4 @@
-"""The paper's 2.4B Memory³ model (memory3-paper.md §1, Appendix A)."""
+"""The paper's 2.4B Memory³ model (paper §3.4, Appendix A; docs/model.md "Paper sections")."""
 
 from configs import base
 

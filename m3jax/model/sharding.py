@@ -1,4 +1,4 @@
-"""Device mesh, logical-axis rules and parameter shardings (DESIGN.md "Sharding").
+"""Device mesh, logical-axis rules and parameter shardings (docs/model.md "Sharding").
 
 One mesh with axes (data, fsdp, tensor) sized from `cfg.mesh` (-1 = the rest of
 the devices). Parameters carry logical axis names (`nn.with_logical_partitioning`

@@ -1,6 +1,6 @@
 """Memory sparsification: which reference tokens a memory keeps, per layer and KV head.
 
-Memory³ §3.3 (DESIGN.md "Reference encoding"): in a memory layer, reference token
+Memory³ paper §3.3 (docs/model.md "Memory selection"): in a memory layer, reference token
 j of KV head h scores
 
     w_j = sum_i sum_{query heads g of h} exp(q_{i,g} . k_j / sqrt(d))
