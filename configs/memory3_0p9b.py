@@ -1,4 +1,4 @@
-"""The paper's 0.92B ablation model (its Fig. 11 ablation; docs/model.md "Paper sections"): L=40, H=32, d_h=64."""
+"""The paper's 0.92B ablation model (its Fig. 11; docs/model.md): L=40, H=32, d_h=64."""
 
 from configs import memory3_2p4b
 
