@@ -110,7 +110,7 @@ def get_config() -> ml_collections.ConfigDict:
   d.exclude_same_doc = False
 
   # ---------------------------------------------------------------- memory bank
-  # `m3jax encode-memory` and m3jax.memory.bank (WORKSPACE.md "Memory bank").
+  # `m3jax encode-memory` and m3jax.memory.bank_format (WORKSPACE.md "Memory bank").
   b = c.bank = ml_collections.ConfigDict()
   b.shard_size = 1024  # references per shard file (shard s holds ref_ids [s*S, (s+1)*S))
   b.encode_batch_size = 64  # references per encode step; divides shard_size

@@ -14,8 +14,8 @@ the input tokens.
 
 What is real here: the model (random parameters of the configured size: speed
 does not depend on the weights), the jitted prefill + segmented decode loop of
-m3jax.inference.generate, the bank (m3jax.memory.bank.MemoryBank, written by m3jax.memory.encode_job
-from random 128-token references, opened with cache_memories=0), the lexical
+m3jax.inference.generate, the bank (m3jax.memory.bank_reader.MemoryBank, written by
+m3jax.memory.encode_job from random 128-token references, opened with cache_memories=0), the lexical
 embedder and ScaNN index (m3jax.retrieval.embedder, m3jax.retrieval.index) over those references,
 and the retrieval schedule. Query texts are the token ids written as words.
 The bank files were just written, so the OS page cache may hold them: "disk"
@@ -40,8 +40,10 @@ from m3jax.retrieval import schedule
 from m3jax.core.config import model_config
 from m3jax.model.transformer import init_params
 from m3jax.retrieval.retriever import Retrieval, Retriever
-from m3jax.memory import bank as bank_lib
+from m3jax.memory import bank_format
 from m3jax.memory import encode_job
+from m3jax.memory.bank_reader import MemoryBank
+from m3jax.memory.encoder import ReferenceEncoder, encoder_mesh
 from m3jax.memory.source import ArrayReferenceStore
 from m3jax.retrieval.lexical_embedder import LexicalEmbedder
 from m3jax.retrieval import index as index_lib
@@ -102,11 +104,10 @@ def references_needed(batch: int, prompt_len: int, new_tokens: int, runs: int,
 def build_bank(cfg: Any, params: Any, store: Any, path: str, printer=print) -> None:
   """Encodes `store` into a bank at `path` (m3jax.memory.encode_job) unless one is there."""
   mc = model_config(cfg)
-  settings = bank_lib.bank_settings(cfg)
-  encoder = encode_job.ReferenceEncoder(mc, params, settings.encode_batch_size,
-                                        mesh=encode_job.encoder_mesh(cfg))
+  settings = bank_format.bank_settings(cfg)
+  encoder = ReferenceEncoder(mc, params, settings.encode_batch_size, mesh=encoder_mesh(cfg))
   encode_job.encode_bank(path, encoder=encoder, references=store, settings=settings,
-                         checkpoint=encode_job.checkpoint_info(None, None, params),
+                         checkpoint=bank_format.checkpoint_info(None, None, params),
                          references_source="bench-decode random references",
                          printer=lambda msg: None)
   if printer:
@@ -155,12 +156,12 @@ def run(cfg: Any, *, batch: int = 32, prompt_len: int = 128, new_tokens: int = 1
       path = bank_dir
       if path is None:
         path = stack.enter_context(tempfile.TemporaryDirectory(prefix="m3jax-bench-bank-"))
-      if not os.path.exists(os.path.join(path, bank_lib.MANIFEST_FILE)):
+      if not os.path.exists(os.path.join(path, bank_format.MANIFEST_FILE)):
         t0 = time.perf_counter()
         build_bank(cfg, params, store, path, printer=say)
         result["bank_build_seconds"] = time.perf_counter() - t0
-      bank = bank_lib.MemoryBank.open(path, model_config=mc, tokenizer_hash=None,
-                                      params=params, cache_memories=0, verify="size")
+      bank = MemoryBank.open(path, model_config=mc, tokenizer_hash=None,
+                             params=params, cache_memories=0, verify="size")
       stack.callback(bank.close)
       result["bank"] = dict(path=path if bank_dir else "(temporary)", references=n_refs,
                             bytes_per_memory=bank.bytes_per_memory)

@@ -26,13 +26,15 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from m3jax.model import costs
-from m3jax.memory import encode_job
 from m3jax.core.config import model_config
-from m3jax.model.transformer import Transformer, init_params
-from m3jax.memory import bank as bank_lib
-from m3jax.memory import quantize as quant_lib
+from m3jax.memory import bank_format
+from m3jax.memory import codecs
+from m3jax.memory import pq as pq_lib
+from m3jax.memory.encoder import ReferenceEncoder, encoder_mesh, sample_memories
+from m3jax.memory.quantization_quality import quantization_report
 from m3jax.memory.source import ArrayReferenceStore
+from m3jax.model import costs
+from m3jax.model.transformer import Transformer, init_params
 
 
 def _time(fn: Callable[[], Any], warmup: int, repeats: int) -> tuple[float, float, list[float]]:
@@ -57,8 +59,8 @@ def run(cfg: Any, *, batch_size: int = 16, repeats: int = 5, warmup: int = 2, se
   if repeats < 1 or warmup < 1 or batch_size < 1:
     raise ValueError("bench encode: batch_size, repeats and warmup must be >= 1")
   params = init_params(mc, jax.random.key(seed))
-  mesh = encode_job.encoder_mesh(cfg)
-  encoder = encode_job.ReferenceEncoder(mc, params, batch_size, mesh=mesh)
+  mesh = encoder_mesh(cfg)
+  encoder = ReferenceEncoder(mc, params, batch_size, mesh=mesh)
   r = mc.reference_length
   rng = np.random.default_rng(seed)
   tokens = rng.integers(5, mc.vocab_size, size=(batch_size, r)).astype(np.int32)
@@ -102,24 +104,24 @@ def quantization(cfg: Any, *, n_references: int = 2048, seed: int = 0,
   the figures describe the codecs' mechanics, not a trained model's memories.
   """
   mc = model_config(cfg)
-  settings = bank_lib.bank_settings(cfg)
+  settings = bank_format.bank_settings(cfg)
   params = init_params(mc, jax.random.key(seed))
-  mesh = encode_job.encoder_mesh(cfg)
+  mesh = encoder_mesh(cfg)
   batch = 16 * mesh.shape["data"]
-  encoder = encode_job.ReferenceEncoder(mc, params, batch, mesh=mesh)
+  encoder = ReferenceEncoder(mc, params, batch, mesh=mesh)
   store = ArrayReferenceStore.random(n_references, mc.reference_length, mc.vocab_size,
                                      seed=seed, min_length=mc.reference_length)
-  mem = encode_job.sample_memories(encoder, store, np.arange(n_references))
+  mem = sample_memories(encoder, store, np.arange(n_references))
   n_train = n_references * 3 // 4
   t0 = time.perf_counter()
-  pq = quant_lib.train_pq(mem[:n_train], grouping=settings.pq_groups,
+  pq = pq_lib.train_pq(mem[:n_train], grouping=settings.pq_groups,
                           subvectors=settings.pq_subvectors, iterations=settings.pq_iterations,
                           opq_iterations=settings.pq_opq_iterations, seed=settings.pq_seed)
   train_s = time.perf_counter() - t0
   held = mem[n_train:]
-  reports = [quant_lib.quantization_report(c, held)
-             for c in (quant_lib.BFloat16Codec(mc.memory_shape),
-                       quant_lib.Int8Codec(mc.memory_shape), pq)]
+  reports = [quantization_report(c, held)
+             for c in (codecs.BFloat16Codec(mc.memory_shape),
+                       codecs.Int8Codec(mc.memory_shape), pq)]
   codes = pq.encode(held)
   t0 = time.perf_counter()
   pq.decode(codes)

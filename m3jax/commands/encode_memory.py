@@ -24,9 +24,10 @@ from ml_collections import config_flags
 from m3jax import commands
 from m3jax.core import config as config_lib
 from m3jax.core import distributed
-from m3jax.memory import bank as bank_lib
+from m3jax.memory import bank_format
+from m3jax.memory import codecs
 from m3jax.memory import encode_job
-from m3jax.memory import quantize as quant_lib
+from m3jax.training import checkpoint as checkpoint_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model: params dir, workdir or step dir.")
@@ -59,12 +60,14 @@ def main(argv: list[str]) -> None:
     distributed.initialize_from_flags()
   try:
     cfg = config_lib.validate(_CONFIG.value)
+    ckpt_cfg, params, step = checkpoint_lib.load_for_inference(_CHECKPOINT.value)
     result = encode_job.run(
-        cfg, checkpoint=_CHECKPOINT.value, references=_REFERENCES.value, out=_OUT.value,
+        cfg, checkpoint=_CHECKPOINT.value, checkpoint_config=ckpt_cfg, params=params,
+        step=step, references=_REFERENCES.value, out=_OUT.value,
         quantizer_path=_QUANTIZER.value, process_index=_PROCESS_INDEX.value,
         process_count=_PROCESS_COUNT.value, max_shards=_MAX_SHARDS.value,
         verify_existing=_VERIFY_EXISTING.value, progress_every_s=_PROGRESS_EVERY_S.value)
-  except (config_lib.ConfigError, bank_lib.BankError, quant_lib.QuantizerError,
+  except (config_lib.ConfigError, bank_format.BankError, codecs.QuantizerError,
           FileNotFoundError) as e:
     print(f"m3jax encode-memory: error: {e}", file=sys.stderr)
     sys.exit(1)

@@ -45,8 +45,9 @@ from m3jax.core.config import model_config
 from m3jax.evaluation import runner as eval_runner
 from m3jax.evaluation import tasks as eval_tasks
 from m3jax.inference import session as inference
-from m3jax.memory import bank as bank_lib
+from m3jax.memory import bank_format
 from m3jax.memory import encode_job
+from m3jax.memory.bank_storage import storage_summary
 from m3jax.model import costs
 from m3jax.retrieval import neighbor_table
 from m3jax.retrieval import neighbors as nb_lib
@@ -318,11 +319,13 @@ def run_demo(cfg: ml_collections.ConfigDict, workdir: str, *,
              lambda: _train_done(cont_cfg, cdir))
 
   def encode_fn():
-    encode_job.run(cont_cfg, checkpoint=cdir, references=root, out=bank_dir)
-    return encode_job.storage_summary(bank_dir, config_lib.model_config(cont_cfg))
+    ckpt_cfg, params, step = ckpt_lib.load_for_inference(cdir)
+    encode_job.run(cont_cfg, checkpoint=cdir, checkpoint_config=ckpt_cfg, params=params,
+                   step=step, references=root, out=bank_dir)
+    return storage_summary(bank_dir, config_lib.model_config(cont_cfg))
 
   runner.run("encode", dict(model=full["model"], bank=full["bank"]), encode_fn,
-             lambda: os.path.exists(os.path.join(bank_dir, bank_lib.MANIFEST_FILE)))
+             lambda: os.path.exists(os.path.join(bank_dir, bank_format.MANIFEST_FILE)))
   eval_settings = {k: s[k] for k in ("eval_limit", "eval_batch_size", "eval_max_new_tokens",
                                      "eval_tasks", "perplexity_limit")}
   runner.run("eval", eval_settings, lambda: _eval_stage(cont_cfg, workdir, s),

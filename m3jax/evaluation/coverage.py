@@ -16,7 +16,7 @@ This measures both steps on questions with known answers (the knowledge world's
 - answer_kept_any / answer_kept_all: kept in at least one / in every memory layer.
 
 Each metric is a dict {"all": share, <group>: share, ...} like the other tasks'.
-Kept positions come from the encode job's own encoder (m3jax.memory.encode_job), so they
+Kept positions come from the encode job's own encoder (m3jax.memory.encoder), so they
 are what the bank stores.
 """
 
@@ -29,7 +29,7 @@ import numpy as np
 from m3jax.core.config import ModelConfig
 from m3jax.evaluation.scoring import split_continuation
 from m3jax.evaluation.text_metrics import group_means
-from m3jax.memory import encode_job
+from m3jax.memory import encoder as encoder_lib
 
 REFS_PER_DEVICE = 16  # references per encoding step and data-parallel device
 
@@ -59,10 +59,10 @@ def answer_coverage(items: Sequence[Any], config: ModelConfig, params: Any, toke
   unique = np.unique(got.ids[got.ids >= 0])
   tokens, lengths = references.tokens_by_ids(unique)
   tokens, lengths = np.asarray(tokens), np.asarray(lengths)
-  mesh = encode_job.encoder_mesh()
-  encoder = encode_job.ReferenceEncoder(config, params, REFS_PER_DEVICE * mesh.shape["data"],
+  mesh = encoder_lib.encoder_mesh()
+  encoder = encoder_lib.ReferenceEncoder(config, params, REFS_PER_DEVICE * mesh.shape["data"],
                                         mesh=mesh)
-  _, kept = encode_job.encode_ids(encoder, references, unique)
+  _, kept = encoder_lib.encode_ids(encoder, references, unique)
   row = {int(r): i for i, r in enumerate(unique.tolist())}
   p = config.prefix_length
   n_layers = config.n_memory_layers

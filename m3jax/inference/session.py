@@ -23,7 +23,8 @@ from m3jax.core import workspace
 from m3jax.core.config import ModelConfig
 from data_pipeline import prepare as prepare_lib
 from data_pipeline import tokenizer as tok_lib
-from m3jax.memory import bank as bank_lib
+from m3jax.memory import bank_format
+from m3jax.memory.bank_reader import MemoryBank
 from m3jax.memory import source as ms_lib
 from m3jax.model.transformer import Transformer
 from m3jax.retrieval import retriever as retriever_lib
@@ -123,10 +124,9 @@ def _memory_source(inf: Inference, workdir: str | None, bank_dir: str | None,
   if bank_dir:
     kwargs = {} if cache_memories is None else dict(cache_memories=cache_memories)
     try:
-      bank = bank_lib.MemoryBank.from_config(bank_dir, inf.cfg,
-                                             tokenizer_hash=inf.tokenizer.hash,
-                                             params=inf.params, **kwargs)
-    except bank_lib.BankError as e:
+      bank = MemoryBank.from_config(bank_dir, inf.cfg, tokenizer_hash=inf.tokenizer.hash,
+                                    params=inf.params, **kwargs)
+    except bank_format.BankError as e:
       raise InferenceSetupError(f"--bank={bank_dir}: {e}") from e
     inf.paths["bank"] = os.path.abspath(bank_dir)
     return bank

@@ -9,10 +9,10 @@ The generator and evaluator ask one question, "the memories of these ref ids":
 Id -1 gives zeros and an all-False mask. Implementations:
 
 - `EncodeOnTheFly(model, params, reference_store)`: runs `Transformer.encode_references`
-  for every lookup (what continual training does inside its step).
-- `m3jax.memory.bank.MemoryBank`: the precomputed bank on disk (warm start), with a RAM LRU
-  cache, optional prefetch and checksums.
-- `m3jax.memory.bank.ColdStartBank`: encodes a reference the first time it is retrieved,
+  (m3jax.memory.encoder) for every lookup (what continual training does inside its step).
+- `m3jax.memory.bank_reader.MemoryBank`: the precomputed bank on disk (warm start), with a
+  RAM LRU cache, optional prefetch and checksums.
+- `m3jax.memory.cold_start.ColdStartBank`: encodes a reference the first time it is retrieved,
   stores it in the bank layout and reuses it afterwards.
 
 `ArrayReferenceStore` is the smallest reference store (tokens held in arrays), for
@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from m3jax.core.config import ModelConfig
+from m3jax.memory.encoder import encode_references
 
 
 class ReferenceSource(Protocol):
@@ -238,9 +239,7 @@ class EncodeOnTheFly(MemorySource):
     round_bf16 = round_to_bfloat16
 
     def encode(p, tokens, lengths, inverse):
-      mem, pos = model.apply({"params": p}, tokens, lengths, method="encode_references")
-      if round_bf16:
-        mem = mem.astype(jnp.bfloat16)
+      mem, pos = encode_references(model, p, tokens, lengths, round_to_bfloat16=round_bf16)
       return mem[inverse], pos[inverse] >= 0
 
     self._encode = jax.jit(encode)

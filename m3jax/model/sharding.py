@@ -57,10 +57,16 @@ def mesh_shape(cfg, n_devices: int) -> tuple[int, int, int]:
   return tuple(sizes[ax] for ax in MESH_AXES)
 
 
-def make_mesh(cfg, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """The (data, fsdp, tensor) mesh over `devices` (default: all), sizes from cfg.mesh."""
+def make_mesh(cfg, devices: Sequence[jax.Device] | None = None, *,
+              shape: Sequence[int] | None = None) -> jax.sharding.Mesh:
+  """The (data, fsdp, tensor) mesh over `devices` (default: all).
+
+  Sizes from cfg.mesh, or `shape` (data, fsdp, tensor) when given (cfg is then unused).
+  """
   devices = list(jax.devices() if devices is None else devices)
-  shape = mesh_shape(cfg, len(devices))
+  shape = mesh_shape(cfg, len(devices)) if shape is None else tuple(int(n) for n in shape)
+  if math.prod(shape) != len(devices):
+    raise ValueError(f"mesh shape {shape} needs {math.prod(shape)} devices, got {len(devices)}")
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
   return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
 

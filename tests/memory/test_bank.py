@@ -8,8 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m3jax.memory import bank as bank_lib
+from m3jax.memory import bank_format
+from m3jax.memory import bank_reader
+from m3jax.memory import cold_start
 from m3jax.memory import encode_job
+from m3jax.memory import encoder as encoder_lib
 from m3jax.core.config import model_config
 from m3jax.memory.source import ArrayReferenceStore, EncodeOnTheFly, LRUCache
 from m3jax.model.transformer import Transformer, init_params
@@ -23,11 +26,11 @@ def setup(tiny_config):
   params = init_params(mc, jax.random.key(0))
   store = ArrayReferenceStore.random(N_REFS, mc.reference_length, mc.vocab_size, seed=1,
                                      tokenizer_hash="tok-a")
-  settings = bank_lib.bank_settings(tiny_config, shard_size=16, encode_batch_size=8,
+  settings = bank_format.bank_settings(tiny_config, shard_size=16, encode_batch_size=8,
                                     cache_memories=8)
-  encoder = encode_job.ReferenceEncoder(mc, params, settings.encode_batch_size)
+  encoder = encoder_lib.ReferenceEncoder(mc, params, settings.encode_batch_size)
   return dict(mc=mc, params=params, store=store, settings=settings, encoder=encoder,
-              checkpoint=encode_job.checkpoint_info("/ckpt/a", 7, params))
+              checkpoint=bank_format.checkpoint_info("/ckpt/a", 7, params))
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +44,7 @@ def warm_dir(setup, tmp_path_factory):
 
 def _open(setup, root, **kw):
   kw.setdefault("tokenizer_hash", "tok-a")
-  return bank_lib.MemoryBank.open(root, model_config=setup["mc"], **kw)
+  return bank_reader.MemoryBank.open(root, model_config=setup["mc"], **kw)
 
 
 def _copy(src, dst):
@@ -133,47 +136,47 @@ def test_out_of_range_ids_are_refused(setup, warm_dir):
 
 def test_corrupt_shard_is_detected_and_named(setup, warm_dir, tmp_path):
   root = _copy(warm_dir, tmp_path / "bank")
-  path = os.path.join(root, bank_lib.shard_file(1))
+  path = os.path.join(root, bank_format.shard_file(1))
   data = bytearray(open(path, "rb").read())
   data[-5] ^= 0xFF  # flip a byte inside the last record
   open(path, "wb").write(bytes(data))
   with _open(setup, root) as bank:  # verify="touch": sizes fine, sha256 on first read
     bank.lookup(np.array([0]))  # shard 0 is intact
-    with pytest.raises(bank_lib.CorruptShardError, match="shard-000001.npy"):
+    with pytest.raises(bank_format.CorruptShardError, match="shard-000001.npy"):
       bank.lookup(np.array([17]))
-  with pytest.raises(bank_lib.CorruptShardError, match="shard-000001.npy"):
+  with pytest.raises(bank_format.CorruptShardError, match="shard-000001.npy"):
     _open(setup, root, verify="full")
 
 
 def test_truncated_shard_is_detected_on_open(setup, warm_dir, tmp_path):
   root = _copy(warm_dir, tmp_path / "bank")
-  path = os.path.join(root, bank_lib.shard_file(2))
+  path = os.path.join(root, bank_format.shard_file(2))
   os.truncate(path, os.path.getsize(path) - 10)
-  with pytest.raises(bank_lib.CorruptShardError, match="shard-000002.npy.*bytes"):
+  with pytest.raises(bank_format.CorruptShardError, match="shard-000002.npy.*bytes"):
     _open(setup, root, verify="size")
 
 
 def test_bank_of_another_model_config_is_refused(setup, warm_dir):
   other = dataclasses.replace(setup["mc"], memory_tokens_per_head=2)
-  with pytest.raises(bank_lib.BankMismatchError, match="memory_tokens_per_head"):
-    bank_lib.MemoryBank.open(warm_dir, model_config=other, tokenizer_hash="tok-a")
+  with pytest.raises(bank_format.BankMismatchError, match="memory_tokens_per_head"):
+    bank_reader.MemoryBank.open(warm_dir, model_config=other, tokenizer_hash="tok-a")
   other = dataclasses.replace(setup["mc"], reference_prefix_ids=(2, 5))
-  with pytest.raises(bank_lib.BankMismatchError, match="reference_prefix_ids"):
-    bank_lib.MemoryBank.open(warm_dir, model_config=other, tokenizer_hash="tok-a")
+  with pytest.raises(bank_format.BankMismatchError, match="reference_prefix_ids"):
+    bank_reader.MemoryBank.open(warm_dir, model_config=other, tokenizer_hash="tok-a")
   # The compute dtype does not change what a memory is.
   ok = dataclasses.replace(setup["mc"], dtype="bfloat16")
-  bank_lib.MemoryBank.open(warm_dir, model_config=ok, tokenizer_hash="tok-a").close()
+  bank_reader.MemoryBank.open(warm_dir, model_config=ok, tokenizer_hash="tok-a").close()
 
 
 def test_bank_of_another_tokenizer_checkpoint_or_params_is_refused(setup, warm_dir):
-  with pytest.raises(bank_lib.BankMismatchError, match="tokenizer hash"):
+  with pytest.raises(bank_format.BankMismatchError, match="tokenizer hash"):
     _open(setup, warm_dir, tokenizer_hash="tok-b")
-  with pytest.raises(bank_lib.BankMismatchError, match="step 7"):
+  with pytest.raises(bank_format.BankMismatchError, match="step 7"):
     _open(setup, warm_dir, checkpoint_step=8)
   other = init_params(setup["mc"], jax.random.key(1))
-  with pytest.raises(bank_lib.BankMismatchError, match="other parameters"):
+  with pytest.raises(bank_format.BankMismatchError, match="other parameters"):
     _open(setup, warm_dir, params=other)
-  with pytest.raises(bank_lib.BankMismatchError, match="quantization"):
+  with pytest.raises(bank_format.BankMismatchError, match="quantization"):
     _open(setup, warm_dir, quantization="pq")
   _open(setup, warm_dir, params=setup["params"], checkpoint_step=7).close()
 
@@ -182,7 +185,7 @@ def test_incomplete_bank_is_refused_with_progress(setup, tmp_path):
   root = str(tmp_path / "partial")
   encode_job.encode_bank(root, encoder=setup["encoder"], references=setup["store"],
                          settings=setup["settings"], max_shards=1, printer=lambda _: None)
-  with pytest.raises(bank_lib.IncompleteBankError, match="1 of 3 shards"):
+  with pytest.raises(bank_format.IncompleteBankError, match="1 of 3 shards"):
     _open(setup, root)
 
 
@@ -191,7 +194,7 @@ def test_incomplete_bank_is_refused_with_progress(setup, tmp_path):
 
 def test_cold_start_stores_exactly_what_warm_start_would_have(setup, warm_dir, tmp_path):
   root = str(tmp_path / "cold")
-  cold = bank_lib.ColdStartBank.create(root, encoder=setup["encoder"],
+  cold = cold_start.ColdStartBank.create(root, encoder=setup["encoder"],
                                        references=setup["store"], settings=setup["settings"],
                                        checkpoint=setup["checkpoint"])
   with _open(setup, warm_dir) as warm:

@@ -12,10 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m3jax.memory import bank as bank_lib
-from m3jax.model import costs
+from m3jax.core import artifacts
+from m3jax.memory import bank_format
+from m3jax.memory import bank_reader
+from m3jax.memory import bank_storage
+from m3jax.memory import codecs
 from m3jax.memory import encode_job
-from m3jax.memory import quantize as quant_lib
+from m3jax.memory import encoder as encoder_lib
+from m3jax.model import costs
 from m3jax.core.config import model_config
 from m3jax.memory.source import ArrayReferenceStore
 from m3jax.model.transformer import Transformer, init_params
@@ -30,8 +34,9 @@ if mode == "distributed":
   from m3jax.core import distributed
   distributed.initialize(timeout_s=120)
 import jax
-from m3jax.memory import bank as bank_lib
+from m3jax.memory import bank_format
 from m3jax.memory import encode_job
+from m3jax.memory import encoder as encoder_lib
 from m3jax.core.config import load_config, model_config
 from m3jax.memory.source import ArrayReferenceStore
 from m3jax.model.transformer import init_params
@@ -40,12 +45,12 @@ mc = model_config(cfg)
 params = init_params(mc, jax.random.key(0))
 store = ArrayReferenceStore.random(int(os.environ["N_REFS"]), mc.reference_length,
                                    mc.vocab_size, seed=1, tokenizer_hash="tok-a")
-settings = bank_lib.bank_settings(cfg, shard_size=8, encode_batch_size=8)
-encoder = encode_job.ReferenceEncoder(mc, params, 8)
+settings = bank_format.bank_settings(cfg, shard_size=8, encode_batch_size=8)
+encoder = encoder_lib.ReferenceEncoder(mc, params, 8)
 sleep = float(os.environ.get("SLEEP_PER_SHARD", "0"))
 result = encode_job.encode_bank(
     out, encoder=encoder, references=store, settings=settings,
-    checkpoint=encode_job.checkpoint_info("/ckpt/a", 7, params),
+    checkpoint=bank_format.checkpoint_info("/ckpt/a", 7, params),
     on_shard=lambda s, info: time.sleep(sleep), progress_every_s=1e9)
 with open(os.path.join(os.environ["RESULT_DIR"], f"result-{jax.process_index()}.json"),
           "w") as f:
@@ -60,11 +65,11 @@ def setup(tiny_config, repo_root):
   params = init_params(mc, jax.random.key(0))
   store = ArrayReferenceStore.random(N_REFS, mc.reference_length, mc.vocab_size, seed=1,
                                      tokenizer_hash="tok-a")
-  settings = bank_lib.bank_settings(tiny_config, shard_size=8, encode_batch_size=8)
-  encoder = encode_job.ReferenceEncoder(mc, params, 8)
+  settings = bank_format.bank_settings(tiny_config, shard_size=8, encode_batch_size=8)
+  encoder = encoder_lib.ReferenceEncoder(mc, params, 8)
   return dict(cfg=tiny_config, mc=mc, params=params, store=store, settings=settings,
               encoder=encoder, repo=str(repo_root),
-              checkpoint=encode_job.checkpoint_info("/ckpt/a", 7, params))
+              checkpoint=bank_format.checkpoint_info("/ckpt/a", 7, params))
 
 
 def _encode(setup, root, **kw):
@@ -109,7 +114,7 @@ def test_stored_memories_equal_the_models_encoding_in_bfloat16(setup, reference_
   ref, pos = Transformer(mc).apply({"params": params}, tokens, lengths,
                                    method="encode_references")
   want = np.asarray(ref.astype(jnp.bfloat16).astype(jnp.float32))
-  with bank_lib.MemoryBank.open(reference_bank, model_config=mc, tokenizer_hash="tok-a",
+  with bank_reader.MemoryBank.open(reference_bank, model_config=mc, tokenizer_hash="tok-a",
                                 dtype=np.float32) as bank:
     got, mask = bank.lookup(ids)
     np.testing.assert_array_equal(bank.lookup_positions(ids), np.asarray(pos))
@@ -124,7 +129,7 @@ def test_stored_memories_equal_the_models_encoding_in_bfloat16(setup, reference_
 
 
 def test_manifest_records_what_made_the_bank(setup, reference_bank):
-  m = json.load(open(os.path.join(reference_bank, bank_lib.MANIFEST_FILE)))
+  m = json.load(open(os.path.join(reference_bank, bank_format.MANIFEST_FILE)))
   mc = setup["mc"]
   assert m["complete"] and m["model"]["fingerprint"] == mc.fingerprint()
   assert m["tokenizer_hash"] == "tok-a"
@@ -138,9 +143,9 @@ def test_manifest_records_what_made_the_bank(setup, reference_bank):
   for info in m["shards"]:
     path = os.path.join(reference_bank, info["file"])
     assert os.path.getsize(path) == info["bytes"]
-    assert bank_lib.sha256_file(path) == info["sha256"]
+    assert artifacts.sha256_file(path) == info["sha256"]
   # Storage accounting agrees with m3jax.model.costs.
-  s = encode_job.storage_summary(reference_bank, mc)
+  s = bank_storage.storage_summary(reference_bank, mc)
   assert s["kv_bytes_per_memory"] == costs.memory_bytes_per_reference(mc)
   assert s["record_bytes"] == s["kv_bytes_per_memory"] + 2 * 2 * 2 * 4  # int16 positions
   assert s["bank_bytes"] == sum(i["bytes"] for i in m["shards"])
@@ -151,7 +156,7 @@ def test_rerun_skips_verified_shards_and_reencodes_a_corrupt_one(setup, referenc
   import shutil
   root = str(tmp_path / "bank")
   shutil.copytree(reference_bank, root)
-  path = os.path.join(root, bank_lib.shard_file(3))
+  path = os.path.join(root, bank_format.shard_file(3))
   data = bytearray(open(path, "rb").read())
   data[200] ^= 1
   open(path, "wb").write(bytes(data))
@@ -165,8 +170,8 @@ def test_resume_with_other_settings_is_refused(setup, reference_bank, tmp_path):
   import shutil
   root = str(tmp_path / "bank")
   shutil.copytree(reference_bank, root)
-  other = bank_lib.bank_settings(setup["cfg"], shard_size=16, encode_batch_size=8)
-  with pytest.raises(bank_lib.BankMismatchError, match="shard_size"):
+  other = bank_format.bank_settings(setup["cfg"], shard_size=16, encode_batch_size=8)
+  with pytest.raises(bank_format.BankMismatchError, match="shard_size"):
     _encode(setup, root, settings=other)
 
 
@@ -180,7 +185,7 @@ def test_job_killed_midway_and_rerun_gives_identical_bytes(setup, reference_bank
   proc = subprocess.Popen([sys.executable, str(script), "single", root],
                           env=_env(setup, tmp_path, SLEEP_PER_SHARD="0.5"),
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-  shards = os.path.join(root, bank_lib.SHARDS_DIR)
+  shards = os.path.join(root, bank_format.SHARDS_DIR)
   deadline = time.monotonic() + 240
   try:
     while time.monotonic() < deadline:
@@ -194,11 +199,11 @@ def test_job_killed_midway_and_rerun_gives_identical_bytes(setup, reference_bank
   finally:
     proc.kill()
     proc.wait()
-  assert not os.path.exists(os.path.join(root, bank_lib.MANIFEST_FILE))
+  assert not os.path.exists(os.path.join(root, bank_format.MANIFEST_FILE))
   n_done = len([f for f in os.listdir(shards) if f.endswith(".npy")])
   assert 2 <= n_done < 6
   # A torn write from the killed run: must not be taken for a shard.
-  with open(os.path.join(root, bank_lib.shard_file(5)) + ".tmp-host-1-2", "wb") as f:
+  with open(os.path.join(root, bank_format.shard_file(5)) + ".tmp-host-1-2", "wb") as f:
     f.write(b"half a shard")
   r = _encode(setup, root)
   assert len(r.shards_skipped) == n_done and r.complete
@@ -255,9 +260,9 @@ def test_two_jax_processes_encode_every_reference_exactly_once(setup, reference_
   assert all(r["complete"] for r in results)
   mc = setup["mc"]
   ids = np.arange(N_REFS)
-  with bank_lib.MemoryBank.open(root, model_config=mc, tokenizer_hash="tok-a",
+  with bank_reader.MemoryBank.open(root, model_config=mc, tokenizer_hash="tok-a",
                                 verify="full", dtype=np.float32) as multi, \
-      bank_lib.MemoryBank.open(reference_bank, model_config=mc, tokenizer_hash="tok-a",
+      bank_reader.MemoryBank.open(reference_bank, model_config=mc, tokenizer_hash="tok-a",
                                dtype=np.float32) as single:
     # 2 devices per process instead of 8: same memories up to float rounding.
     np.testing.assert_allclose(multi.lookup(ids)[0], single.lookup(ids)[0], rtol=2**-7,
@@ -269,31 +274,31 @@ def test_two_jax_processes_encode_every_reference_exactly_once(setup, reference_
 
 
 def test_pq_bank_stores_codes_and_decodes_on_lookup(setup, reference_bank, tmp_path):
-  settings = bank_lib.bank_settings(setup["cfg"], shard_size=8, encode_batch_size=8,
+  settings = bank_format.bank_settings(setup["cfg"], shard_size=8, encode_batch_size=8,
                                     quantization="pq", pq_subvectors=(4, 2),
                                     pq_train_references=40, pq_iterations=4)
   root = str(tmp_path / "pq")
   r = _encode(setup, root, settings=settings)
   assert r.complete
   mc = setup["mc"]
-  m = json.load(open(os.path.join(root, bank_lib.MANIFEST_FILE)))
+  m = json.load(open(os.path.join(root, bank_format.MANIFEST_FILE)))
   assert m["storage"]["method"] == "pq" and m["storage"]["bytes_per_vector"] == 6
-  assert m["storage"]["quantizer_sha256"] == bank_lib.sha256_file(
-      os.path.join(root, bank_lib.QUANTIZER_FILE))
+  assert m["storage"]["quantizer_sha256"] == artifacts.sha256_file(
+      os.path.join(root, bank_format.QUANTIZER_FILE))
   ids = np.arange(N_REFS)
-  with bank_lib.MemoryBank.open(root, model_config=mc, tokenizer_hash="tok-a",
+  with bank_reader.MemoryBank.open(root, model_config=mc, tokenizer_hash="tok-a",
                                 dtype=np.float32) as pq_bank, \
-      bank_lib.MemoryBank.open(reference_bank, model_config=mc, tokenizer_hash="tok-a",
+      bank_reader.MemoryBank.open(reference_bank, model_config=mc, tokenizer_hash="tok-a",
                                dtype=np.float32) as bf16:
     assert pq_bank.read_records(ids[:1]).dtype.names == ("kv_codes", "pos")
     exact, mask = bf16.lookup(ids)
     approx, mask_q = pq_bank.lookup(ids)
     np.testing.assert_array_equal(mask, mask_q)
     np.testing.assert_allclose(approx, pq_bank.codec.round_trip(exact), rtol=1e-5, atol=1e-6)
-    err = quant_lib.relative_mse(exact * mask[:, :, None, ..., None],
+    err = codecs.relative_mse(exact * mask[:, :, None, ..., None],
                                  approx * mask[:, :, None, ..., None])
     assert 0 < err < 0.5
-  s = encode_job.storage_summary(root, mc)
+  s = bank_storage.storage_summary(root, mc)
   assert s["kv_bytes_per_memory"] == costs.quantized_memory_bytes_per_reference(mc, 6)
   # Rerun: the saved quantizer is reused and every shard is skipped.
   r = _encode(setup, root, settings=settings)
@@ -301,17 +306,17 @@ def test_pq_bank_stores_codes_and_decodes_on_lookup(setup, reference_bank, tmp_p
 
 
 def test_int8_bank_round_trip(setup, reference_bank, tmp_path):
-  settings = bank_lib.bank_settings(setup["cfg"], shard_size=8, encode_batch_size=8,
+  settings = bank_format.bank_settings(setup["cfg"], shard_size=8, encode_batch_size=8,
                                     quantization="int8")
   root = str(tmp_path / "int8")
   _encode(setup, root, settings=settings)
   mc = setup["mc"]
   ids = np.arange(N_REFS)
-  with bank_lib.MemoryBank.open(root, model_config=mc, tokenizer_hash="tok-a",
+  with bank_reader.MemoryBank.open(root, model_config=mc, tokenizer_hash="tok-a",
                                 quantization="int8", dtype=np.float32) as b8, \
-      bank_lib.MemoryBank.open(reference_bank, model_config=mc, tokenizer_hash="tok-a",
+      bank_reader.MemoryBank.open(reference_bank, model_config=mc, tokenizer_hash="tok-a",
                                dtype=np.float32) as bf16:
-    assert quant_lib.relative_mse(bf16.lookup(ids)[0], b8.lookup(ids)[0]) < 1e-4
+    assert codecs.relative_mse(bf16.lookup(ids)[0], b8.lookup(ids)[0]) < 1e-4
     assert b8.bytes_per_memory == 2 * 2 * 2 * 4 * (16 + 2) + 2 * 2 * 4 * 2
 
 
@@ -345,7 +350,7 @@ def test_command_resumes_a_bank_and_refuses_a_mismatched_checkpoint(setup, refer
   # First part in this process, the rest through the command line.
   encode_job.encode_bank(out, encoder=setup["encoder"], references=store,
                          settings=setup["settings"], max_shards=2, printer=lambda _: None,
-                         checkpoint=encode_job.checkpoint_info(ckpt, None, setup["params"]),
+                         checkpoint=bank_format.checkpoint_info(ckpt, None, setup["params"]),
                          references_source=store.path)
   cmd = [sys.executable, "-m", "m3jax.commands.encode_memory",
          f"--config={setup['repo']}/configs/tiny.py", "--config.bank.shard_size=8",

@@ -1,19 +1,12 @@
-"""Vector quantization of memory key/value vectors (memory3-paper.md §2.4).
+"""Product quantization of memory vectors: codebook groups, the PQ codec, its training.
 
-A memory (L_mem, 2, H_mem, k, d_h) is L_mem·2·H_mem·k vectors of d_h numbers. A
-*codec* turns each vector into a few bytes and back; the bank stores the bytes and
-decodes on lookup, on the CPU, as the paper does.
-
-- `BFloat16Codec` ("none"): the vector in bfloat16, 2·d_h bytes (stored as the raw
-  uint16 bit patterns, which any numpy reads).
-- `Int8Codec` ("int8"): symmetric per-vector int8, q = round(x / s), s = max|x| / 127,
-  s in float16: d_h + 2 bytes (about 2x).
-- `ProductQuantizer` ("pq"): an optional learned rotation (OPQ), then residual product
-  quantization: stage t splits the (rotated) vector into m_t contiguous sub-vectors
-  (np.array_split widths) and replaces each by the index of its nearest of 256
-  centroids (one byte); the next stage quantizes what is left. Bytes per vector =
-  sum(m_t). The paper's OPQ20x80-Residual2x14-PQ8x10 uses 14 bytes per 80-dim
-  vector (11.4x); `subvectors=(10, 4)` spends the same 14 bytes with 8-bit codes.
+`ProductQuantizer` ("pq"): an optional learned rotation (OPQ), then residual product
+quantization: stage t splits the (rotated) vector into m_t contiguous sub-vectors
+(np.array_split widths) and replaces each by the index of its nearest of 256
+centroids (one byte); the next stage quantizes what is left. Bytes per vector =
+sum(m_t). The paper's OPQ20x80-Residual2x14-PQ8x10 uses 14 bytes per 80-dim
+vector (11.4x); `subvectors=(10, 4)` spends the same 14 bytes with 8-bit codes
+(docs/model.md, paper §2.4).
 
 Codebooks are trained per group of vectors with k-means (Lloyd, fixed iterations,
 seeded initialisation, one-hot matmuls instead of scatter-adds so GPU runs are
@@ -24,167 +17,26 @@ distributions; heads of one layer are alike enough to share (and sharing gives e
 codebook H_mem times more training vectors). "layer_kv_head", "kv" and "shared" are
 the finer and coarser alternatives. A codebook set costs 256·d_h·stages floats, so
 even per (layer, K/V, head) the 2.4B model's codebooks are about 60 MB.
-
-`quantization_report` measures bytes per vector / memory, the compression ratio
-against bfloat16 and the relative MSE; `evaluate_quantization` runs a caller's
-evaluation-loss function with bfloat16 and with quantized memories.
 """
 
 from __future__ import annotations
 
-import abc
-import dataclasses
 import hashlib
 import io
 import json
 import zipfile
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from m3jax.core import artifacts as atomic_io
-from m3jax.memory.source import MemorySource
+from m3jax.memory.codecs import GROUPINGS, MemoryCodec, QuantizerError, check_memories
 
-METHODS = ("none", "int8", "pq")
-GROUPINGS = ("shared", "kv", "layer_kv", "layer_kv_head")
 CODEBOOK_SIZE = 256  # 8-bit codes
 # Axes of a memory batch [n, L, 2, H, k, d] that index codebook groups.
 _GROUP_AXES = {"shared": (), "kv": (2,), "layer_kv": (1, 2), "layer_kv_head": (1, 2, 3)}
-
-MemoryShape = tuple[int, int, int, int, int]
-
-
-class QuantizerError(ValueError):
-  """A quantizer file or setting does not fit the bank; the message says which."""
-
-
-def relative_mse(x: Any, y: Any) -> float:
-  """sum((x - y)^2) / sum(x^2) in float64 (0 for identical arrays)."""
-  x = np.asarray(x, np.float64)
-  y = np.asarray(y, np.float64)
-  den = float(np.sum(x * x))
-  return float(np.sum((x - y) ** 2)) / den if den > 0 else 0.0
-
-
-def _check_memories(memories: Any, memory_shape: Sequence[int]) -> None:
-  if tuple(memories.shape[1:]) != tuple(memory_shape):
-    raise ValueError(f"memories have shape {tuple(memories.shape)}; expected "
-                     f"[n, {', '.join(map(str, memory_shape))}]")
-
-
-class MemoryCodec(abc.ABC):
-  """Stores memories as record fields and decodes them (see module docstring)."""
-
-  method: str
-  memory_shape: MemoryShape
-
-  @property
-  def n_vectors(self) -> int:
-    """Key/value vectors per memory: L_mem·2·H_mem·k."""
-    l, two, h, k, _ = self.memory_shape
-    return l * two * h * k
-
-  @property
-  @abc.abstractmethod
-  def bytes_per_vector(self) -> int:
-    """Stored bytes per d_h-dim vector."""
-
-  @property
-  def bytes_per_memory(self) -> int:
-    """Stored key/value bytes per memory (positions not included)."""
-    return self.n_vectors * self.bytes_per_vector
-
-  @property
-  def compression(self) -> float:
-    """bfloat16 bytes / stored bytes per vector."""
-    return 2 * self.memory_shape[-1] / self.bytes_per_vector
-
-  @abc.abstractmethod
-  def fields(self) -> list[tuple[str, str, tuple[int, ...]]]:
-    """The record fields (name, numpy dtype string, per-memory shape) this codec stores."""
-
-  @abc.abstractmethod
-  def encode(self, memories: Any) -> dict[str, np.ndarray]:
-    """memories [n, L, 2, H, k, d] (any float) -> {field: array [n, ...]}."""
-
-  @abc.abstractmethod
-  def decode(self, records: Any) -> np.ndarray:
-    """Record fields (a structured array or dict) [n] -> memories [n, L, 2, H, k, d]."""
-
-  def describe(self) -> dict[str, Any]:
-    """JSON-able settings for the bank manifest."""
-    return dict(method=self.method, bytes_per_vector=self.bytes_per_vector,
-                bytes_per_memory=self.bytes_per_memory,
-                compression_vs_bfloat16=round(self.compression, 4))
-
-  def round_trip(self, memories: Any) -> np.ndarray:
-    """decode(encode(memories)) as float32: what a bank with this codec returns."""
-    return np.asarray(self.decode(self.encode(memories)), np.float32)
-
-
-class BFloat16Codec(MemoryCodec):
-  """Keys/values in bfloat16, stored as uint16 bit patterns (field `kv`)."""
-
-  method = "none"
-
-  def __init__(self, memory_shape: Sequence[int]):
-    self.memory_shape = tuple(memory_shape)
-
-  @property
-  def bytes_per_vector(self) -> int:
-    return 2 * self.memory_shape[-1]
-
-  def fields(self):
-    return [("kv", "<u2", self.memory_shape)]
-
-  def encode(self, memories):
-    _check_memories(memories, self.memory_shape)
-    bf = np.asarray(jax.device_get(jnp.asarray(memories).astype(jnp.bfloat16)))
-    return {"kv": bf.view(np.uint16)}
-
-  def decode(self, records):
-    return np.asarray(records["kv"]).view(jnp.bfloat16)
-
-
-class Int8Codec(MemoryCodec):
-  """Symmetric per-vector int8 (field `kv_int8`) with a float16 scale (`kv_scale`)."""
-
-  method = "int8"
-
-  def __init__(self, memory_shape: Sequence[int]):
-    self.memory_shape = tuple(memory_shape)
-    self._encode = jax.jit(_int8_encode)
-
-  @property
-  def bytes_per_vector(self) -> int:
-    return self.memory_shape[-1] + 2
-
-  def fields(self):
-    return [("kv_int8", "i1", self.memory_shape), ("kv_scale", "<f2", self.memory_shape[:-1])]
-
-  def encode(self, memories):
-    _check_memories(memories, self.memory_shape)
-    q, scale = jax.device_get(self._encode(jnp.asarray(memories)))
-    if not np.all(np.isfinite(scale)):
-      raise QuantizerError("int8 quantization: a vector's max |x| / 127 overflows float16 "
-                           "(|x| > 8.3e6); use quantization=none or pq")
-    return {"kv_int8": np.asarray(q), "kv_scale": np.asarray(scale)}
-
-  def decode(self, records):
-    q = np.asarray(records["kv_int8"], np.float32)
-    return q * np.asarray(records["kv_scale"], np.float32)[..., None]
-
-
-def _int8_encode(x):
-  # The bank holds bfloat16-rounded values; quantize exactly those.
-  x = x.astype(jnp.bfloat16).astype(jnp.float32)
-  amax = jnp.max(jnp.abs(x), axis=-1)
-  scale = (amax / 127.0).astype(jnp.float16)
-  s32 = scale.astype(jnp.float32)
-  q = jnp.where(s32[..., None] > 0, jnp.round(x / jnp.where(s32 > 0, s32, 1.0)[..., None]), 0)
-  return jnp.clip(q, -127, 127).astype(jnp.int8), scale
 
 
 # ------------------------------------------------------------------ groups
@@ -339,7 +191,7 @@ class ProductQuantizer(MemoryCodec):
     return from_groups(codes, self.grouping, memories.shape[:-1] + (codes.shape[-1],))
 
   def encode(self, memories):
-    _check_memories(memories, self.memory_shape)
+    check_memories(memories, self.memory_shape)
     return {"kv_codes": np.asarray(jax.device_get(self._encode_fn(jnp.asarray(memories))))}
 
   def decode(self, records):
@@ -490,101 +342,3 @@ def train_pq(memories: np.ndarray, *, grouping: str = "layer_kv",
               seed=seed, vectors_per_group=int(x.shape[1]))
   info.update(train_info or {})
   return ProductQuantizer(shape, grouping, subvectors, rotation, cents, info)
-
-
-# ------------------------------------------------------------------ codecs by name
-
-
-def make_codec(method: str, memory_shape: Sequence[int],
-               quantizer: ProductQuantizer | None = None) -> MemoryCodec:
-  """The codec for a bank's `quantization` setting (pq needs its trained quantizer)."""
-  if method == "none":
-    return BFloat16Codec(memory_shape)
-  if method == "int8":
-    return Int8Codec(memory_shape)
-  if method == "pq":
-    if quantizer is None:
-      raise QuantizerError("quantization=pq needs a trained quantizer")
-    if tuple(quantizer.memory_shape) != tuple(memory_shape):
-      raise QuantizerError(f"PQ quantizer was trained for memories {quantizer.memory_shape}, "
-                           f"the model's are {tuple(memory_shape)}")
-    return quantizer
-  raise QuantizerError(f"bank.quantization: unknown method {method!r}; one of {METHODS}")
-
-
-# ------------------------------------------------------------------ reports
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantizationReport:
-  method: str
-  bytes_per_vector: int
-  bytes_per_memory: int  # key/value bytes (positions not included)
-  bfloat16_bytes_per_memory: int
-  compression: float  # vs bfloat16
-  relative_mse: float  # over all vectors
-  relative_mse_keys: float
-  relative_mse_values: float
-
-  def line(self) -> str:
-    return (f"{self.method}: {self.bytes_per_vector} B/vector, {self.bytes_per_memory:,} B/memory "
-            f"(bf16 {self.bfloat16_bytes_per_memory:,} B), {self.compression:.2f}x, "
-            f"relative MSE {self.relative_mse:.4g} (keys {self.relative_mse_keys:.4g}, "
-            f"values {self.relative_mse_values:.4g})")
-
-
-def quantization_report(codec: MemoryCodec, memories: Any) -> QuantizationReport:
-  """Sizes and reconstruction error of `codec` on memories [n, L, 2, H, k, d].
-
-  The error is measured against the bfloat16-rounded memories (what an
-  unquantized bank holds), over non-empty slots (all-zero vectors are skipped).
-  """
-  x = np.asarray(jax.device_get(jnp.asarray(memories).astype(jnp.bfloat16)), np.float32)
-  y = codec.round_trip(x)
-  # Empty slots (all-zero vectors of short references) are masked at attention time.
-  valid = np.any(x != 0, axis=-1, keepdims=True)
-  x, y = x * valid, y * valid
-  return QuantizationReport(
-      codec.method, codec.bytes_per_vector, codec.bytes_per_memory,
-      BFloat16Codec(codec.memory_shape).bytes_per_memory, codec.compression,
-      relative_mse(x, y), relative_mse(x[:, :, 0], y[:, :, 0]),
-      relative_mse(x[:, :, 1], y[:, :, 1]))
-
-
-class QuantizedSource(MemorySource):
-  """Another source's memories after an encode/decode round trip through `codec`."""
-
-  def __init__(self, source: MemorySource, codec: MemoryCodec):
-    self.source, self.codec = source, codec
-    self.memory_shape = source.memory_shape
-
-  def lookup(self, ref_ids):
-    mem, mask = self.source.lookup(ref_ids)
-    out = self.codec.round_trip(mem)
-    return out.astype(np.asarray(mem[:0]).dtype), mask
-
-  def prefetch(self, ref_ids):
-    self.source.prefetch(ref_ids)
-
-  def stats(self):
-    return self.source.stats()
-
-
-def evaluate_quantization(loss_fn: Callable[[MemorySource], float], source: MemorySource,
-                          codec: MemoryCodec, *, sample_ids: Any = None) -> dict[str, Any]:
-  """Evaluation loss with `source`'s (bfloat16) memories and with them quantized.
-
-  `loss_fn(memory_source) -> float` runs the caller's evaluation (e.g. the
-  evaluator's perplexity over a fixed set of sequences) reading memories from the
-  given source. `sample_ids` (optional ref ids) adds the reconstruction error on
-  those memories. Returns losses, their difference and the codec's sizes.
-  """
-  base = float(loss_fn(source))
-  quant = float(loss_fn(QuantizedSource(source, codec)))
-  out = dict(method=codec.method, loss_bfloat16=base, loss_quantized=quant,
-             loss_delta=quant - base, bytes_per_vector=codec.bytes_per_vector,
-             bytes_per_memory=codec.bytes_per_memory, compression=codec.compression)
-  if sample_ids is not None:
-    mem, _ = source.lookup(np.asarray(sample_ids, np.int64))
-    out["relative_mse"] = quantization_report(codec, mem).relative_mse
-  return out
