@@ -15,7 +15,7 @@ import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+from support import REPO, TINY_WORLD  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -29,8 +29,6 @@ def tiny_config():
   return load_config(str(REPO / "configs" / "tiny.py"))
 
 
-TINY_WORLD = ("data.knowledge_world.n_seen=40", "data.knowledge_world.n_memory_taught=40",
-              "data.knowledge_world.n_unseen=20")
 
 
 @pytest.fixture(scope="session")

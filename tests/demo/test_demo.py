@@ -98,7 +98,7 @@ def test_interrupted_training_stops_the_demo(monkeypatch, tmp_path):
   from m3jax.demo import pipeline as demo_lib
   from m3jax.training import loop as train_lib
   from m3jax.core.config import load_config
-  from conftest import REPO
+  from support import REPO
   cfg = load_config(str(REPO / "configs" / "tiny.py"))
   monkeypatch.setattr(train_lib, "train", lambda c, w: None)  # returns without finishing
   with pytest.raises(demo_lib.StageInterrupted, match="rerun the demo"):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from m3jax.core import metrics as metrics_lib
-from conftest import REPO, TINY_WORLD
+from support import REPO, TINY_WORLD
 
 STEPS = 8
 FLAGS = [f"--config.{o}" for o in TINY_WORLD] + [
