@@ -48,7 +48,7 @@ from m3jax.core.progress import Progress, format_duration
 from data_pipeline import prepare
 from data_pipeline import references as references_lib
 from m3jax.core.config import model_config
-from m3jax.training import checkpoint as checkpoint_lib
+from m3jax.model import params_io
 
 # Used when no config rules are given: batch over (data, fsdp), the rest replicated
 # except heads over `tensor` (a no-op for tensor = 1).
@@ -528,7 +528,7 @@ def run(cfg: Any, *, checkpoint: str, references: str, out: str,
   `encode_bank` (process_index, process_count, max_shards, progress_every_s, ...).
   """
   config = model_config(cfg)
-  ckpt_cfg, params, step = checkpoint_lib.load_for_inference(checkpoint)
+  ckpt_cfg, params, step = params_io.load_for_inference(checkpoint)
   ckpt_model = model_config(ckpt_cfg)
   if ckpt_model.fingerprint() != config.fingerprint():
     diffs = bank_lib.diff_dicts(bank_lib.model_identity(ckpt_model),
