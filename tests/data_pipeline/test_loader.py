@@ -164,6 +164,27 @@ def test_leftovers_of_killed_runs_are_cleaned_and_foreign_dirs_refused(prepared,
     prepare.run_stage(root, "foreign", {}, lambda tmp: {})
 
 
+def test_stage_records_of_earlier_runs_are_reused(tmp_path):
+  """A stage.json written before m3jax.core.stages (the same keys; settings hashed as
+  sorted JSON) is recognised; other settings are refused naming the field."""
+  import hashlib
+  settings = dict(seq_len=64, source=dict(kind="files", files=[["a.txt", 3]]))
+  old_hash = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+  record = dict(stage="packed", settings=settings, settings_hash=old_hash, info=dict(path="x"),
+                seconds=1.0, finished="2026-01-01T00:00:00+00:00")
+  os.makedirs(tmp_path / "packed")
+  with open(tmp_path / "packed" / "stage.json", "w") as f:
+    json.dump(record, f)
+
+  def must_not_run(tmp):
+    raise AssertionError("a finished stage ran again")
+
+  got = prepare.run_stage(str(tmp_path), "packed", settings, must_not_run)
+  assert got["settings_hash"] == old_hash and got["info"] == {"path": "x"}
+  with pytest.raises(prepare.StageMismatchError, match="seq_len: 64 -> 32"):
+    prepare.run_stage(str(tmp_path), "packed", dict(settings, seq_len=32), must_not_run)
+
+
 def test_files_corpus_with_separate_knowledge_base(repo_root, tmp_path):
   from data_pipeline import knowledge_world
   world = knowledge_world.generate(dict(n_seen=15, n_memory_taught=0, n_unseen=5))
