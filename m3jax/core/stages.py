@@ -94,8 +94,8 @@ class StageRunner:
 
     Give `record` (a JSON path; `build()` writes its outputs wherever it likes and
     `done()` says whether they are still there), or `output_dir` (`build(tmp_dir)`
-    writes into a temporary directory that becomes `output_dir`, record included).
-    Returns the record.
+    writes into a temporary directory that becomes `output_dir`, record included;
+    such a stage is never replaced, so its `on_change` must raise). Returns the record.
     """
     if (record is None) == (output_dir is None):
       raise ValueError("give exactly one of `record` and `output_dir`")
@@ -103,12 +103,14 @@ class StageRunner:
     key = artifacts.settings_hash(settings)
     path = record or os.path.join(output_dir, STAGE_RECORD)
     where = output_dir or path
-    old = self._read(name, path, output_dir)
+    old = self._read(path, output_dir)
     if old is not None:
       if old.get(self.fmt.key) == key and done():
         return self._keep(name, dict(old, status="reused"), where)
       if old.get(self.fmt.key) != key:
         self.on_change(name, where, old, settings)
+        if output_dir is not None:
+          raise StageChangedError(f"{where}: a finished stage is not replaced; remove it")
     self.log(f"building stage {name}")
     t0 = time.time()
     if output_dir is None:
@@ -119,7 +121,7 @@ class StageRunner:
     self.log(f"stage {name} done in {rec['seconds']:.1f}s")
     return self._keep(name, dict(rec, status="ran"), None)
 
-  def _read(self, name: str, path: str, output_dir: str | None) -> dict[str, Any] | None:
+  def _read(self, path: str, output_dir: str | None) -> dict[str, Any] | None:
     if output_dir is not None and os.path.exists(output_dir) and not os.path.isfile(path):
       raise StageChangedError(
           f"{output_dir} exists but has no {STAGE_RECORD} (not written by {self.owner}, or "

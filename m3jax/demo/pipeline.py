@@ -6,17 +6,18 @@ Stages (each timed; each skipped when its record in `<workdir>/stages/` matches 
 settings it would run with and its output is there; the library functions below
 resume by themselves too):
 
-  prepare    data_pipeline.prepare.prepare_data        <workdir>/data
-  warmup     m3jax.training.loop.train (stage warmup)          <workdir>/warmup
-  index      m3jax.retrieval.index.build_reference_index         <workdir>/data/index
-  neighbors  m3jax.retrieval.neighbors.mine_workdir       <workdir>/data/neighbors/{train,validation}
+  prepare    data_pipeline.prepare.prepare_data             <workdir>/data
+  warmup     m3jax.training.loop.train (stage warmup)       <workdir>/warmup
+  index      m3jax.retrieval.index.build_reference_index    <workdir>/data/index
+  neighbors  m3jax.retrieval.neighbors.mine_workdir         <workdir>/data/neighbors/{train,
+                                                            validation}
   continual  m3jax.training.loop.train (stage continual, init_from = the warmup workdir)
-                                                       <workdir>/continual
-  encode     m3jax.memory.encode_job.run                      <workdir>/bank
+                                                            <workdir>/continual
+  encode     m3jax.memory.encode_job.run                    <workdir>/bank
   eval       m3jax.evaluation.evaluate (kw_mc, kw_qa, perplexity in modes none/explicit/rag)
-                                                       <workdir>/eval/results.json
+                                                            <workdir>/eval/results.json
   bench      m3jax.bench.decode.run (tokens/s of none/explicit/rag decoding)
-                                                       <workdir>/bench_decode.json
+                                                            <workdir>/bench_decode.json
   summary    summary.json, loss_curves.png, qa_accuracy.png (m3jax.demo.report)
 
 Each stage's record is `<workdir>/stages/<stage>.json` (`m3jax.core.stages`); its

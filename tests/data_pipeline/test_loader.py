@@ -18,6 +18,7 @@ from data_pipeline import packing
 from data_pipeline import prepare
 from data_pipeline import tokenizer as tok_lib
 from m3jax.core import config as config_lib
+from m3jax.core import workspace
 from m3jax.core.config import ConfigError
 
 VOCAB = 512
@@ -35,7 +36,7 @@ def prepared(repo_root, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("work"))
   cfg = _cfg(repo_root)
   manifest = prepare.prepare_data(cfg, workdir)
-  return dict(cfg=cfg, workdir=workdir, root=prepare.data_root(cfg, workdir), manifest=manifest)
+  return dict(cfg=cfg, workdir=workdir, root=workspace.data_root(cfg, workdir), manifest=manifest)
 
 
 # ------------------------------------------------------------------ packing
