@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import gzip
+import hashlib
 import itertools
 import json
 import os
@@ -354,7 +355,6 @@ def doc_key(text: str) -> int:
   Used for same-document exclusion: a reference and a training chunk cut from the
   same text have the same key, whatever dataset or position they came from.
   """
-  import hashlib
   return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little") >> 1
 
 

@@ -16,20 +16,18 @@ settings in `<stage>/stage.json`:
 
 A re-run reuses every finished stage whose settings match and refuses one whose
 settings differ (naming the fields), as well as a tokenizer that differs from the
-one the workdir was prepared with or that does not fit the model config. Settings
+one the workdir was prepared with or that does not fit the model config
+(`m3jax.core.stages` runs and records the stages). Settings
 of later stages include the settings hash of the stages they read, so a rebuilt
 input never silently pairs with stale outputs. `manifest.json` sums it all up.
 """
 
 from __future__ import annotations
 
-import datetime
-import hashlib
+import fcntl
 import json
 import os
-import shutil
 import time
-import uuid
 from typing import Any, Callable, Iterator
 
 from data_pipeline import corpus as corpus_lib
@@ -40,26 +38,23 @@ from data_pipeline import tfds_builders
 from data_pipeline import tokenizer as tok_lib
 from m3jax.core import artifacts as atomic_io
 from m3jax.core import config as config_lib
+from m3jax.core import stages
+from m3jax.core import workspace
 from m3jax.core.config import ConfigError
 from m3jax.core.progress import Progress
 
-MANIFEST = "manifest.json"
+MANIFEST = workspace.DATA_MANIFEST
 FORMAT = "m3jax-data/1"
+# A finished stage made with other settings; the name callers (m3jax prepare-data) catch.
+StageMismatchError = stages.StageChangedError
+
+
 def _say(msg: str, *args: Any) -> None:
   print("prepare-data: " + (msg % args if args else msg), flush=True)
 
 
-class StageMismatchError(ValueError):
-  """A finished stage in the workdir was made with other settings."""
-
-
 def _config_error(field: str, msg: str) -> Exception:
   return ConfigError(f"config field `{field}`: {msg}")
-
-
-def data_root(cfg: Any, workdir: str) -> str:
-  d = cfg.data.workdir_data
-  return os.path.abspath(d if os.path.isabs(d) else os.path.join(workdir, d))
 
 
 def validate_data_config(cfg: Any) -> None:
@@ -87,60 +82,26 @@ def validate_data_config(cfg: Any) -> None:
 # ------------------------------------------------------------------ stages
 
 
-def _normalise(x: Any) -> Any:
-  return json.loads(json.dumps(x, sort_keys=True))
+def _refuse_changed(name: str, where: str, record: dict[str, Any], settings: Any) -> None:
+  diffs = "; ".join(atomic_io.dict_diff(record.get("settings"), settings)[:8])
+  raise StageMismatchError(
+      f"stage {name!r} in {where} was prepared with other settings ({diffs}). Use another "
+      f"workdir (or data.workdir_data), or remove {where} to rebuild it")
 
 
-def settings_hash(settings: Any) -> str:
-  return hashlib.sha256(json.dumps(_normalise(settings), sort_keys=True).encode()).hexdigest()[:16]
+def _runner() -> stages.StageRunner:
+  return stages.StageRunner(fmt=stages.DIRECTORY_STAGE, on_change=_refuse_changed,
+                            log=_say, owner="prepare-data")
 
 
 def run_stage(root: str, name: str, settings: dict[str, Any],
               build: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
-  """Reuses `<root>/<name>` if its settings match; else builds it atomically.
+  """Reuses `<root>/<name>` if its settings match (else refuses); builds it atomically if absent.
 
   `build(tmp_dir)` writes the stage's files into tmp_dir and returns info (paths
   in it relative to tmp_dir). Returns the stage record (settings, info, seconds).
   """
-  final = os.path.join(root, name)
-  record_path = os.path.join(final, "stage.json")
-  settings = _normalise(settings)
-  if os.path.exists(final):
-    if not os.path.isfile(record_path):
-      raise StageMismatchError(f"{final} exists but has no stage.json (not written by "
-                               f"prepare-data, or damaged); remove it to rebuild the stage")
-    with open(record_path) as f:
-      record = json.load(f)
-    if record["settings"] != settings:
-      diffs = "; ".join(atomic_io.dict_diff(record["settings"], settings)[:8])
-      raise StageMismatchError(
-          f"stage {name!r} in {final} was prepared with other settings ({diffs}). Use another "
-          f"workdir (or data.workdir_data), or remove {final} to rebuild it")
-    _say("reusing stage %s (%s)", name, final)
-    return record
-  tmp = os.path.join(root, f".tmp-{name}-{uuid.uuid4().hex[:8]}")
-  os.makedirs(tmp)
-  t0 = time.time()
-  _say("building stage %s", name)
-  try:
-    info = build(tmp)
-    record = dict(stage=name, settings=settings, settings_hash=settings_hash(settings),
-                  info=_normalise(info), seconds=round(time.time() - t0, 2),
-                  finished=datetime.datetime.now(datetime.timezone.utc).isoformat())
-    atomic_io.write_json(os.path.join(tmp, "stage.json"), record)
-    os.rename(tmp, final)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  _say("stage %s done in %.1fs", name, record["seconds"])
-  return record
-
-
-def _clean_tmp(root: str) -> None:
-  """Removes temporary stage directories left by killed runs (only ours: `.tmp-*`)."""
-  for entry in os.listdir(root):
-    if entry.startswith(".tmp-"):
-      shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
+  return _runner().run(name, settings, build, output_dir=os.path.join(root, name))
 
 
 # ------------------------------------------------------------------ documents
@@ -297,8 +258,9 @@ def _tokenizer_stage(cfg: Any, root: str, specs: list[dict[str, Any]],
       raise tok_lib.TokenizerMismatchError(
           f"{root} was prepared with tokenizer {model} (hash {tok.hash[:12]}), but "
           f"data.tokenizer={d.tokenizer} has hash {settings['hash'][:12]}; use another workdir")
-    if not d.tokenizer and recorded != _normalise(settings):
-      diffs = "; ".join(atomic_io.dict_diff(recorded, _normalise(settings))) if recorded else \
+    want = stages.normalise(settings)
+    if not d.tokenizer and recorded != want:
+      diffs = "; ".join(atomic_io.dict_diff(recorded, want)) if recorded else \
           "tokenizer was given, not trained"
       raise StageMismatchError(f"tokenizer {model} was prepared with other settings ({diffs}); "
                                "use another workdir or remove it (and every later stage)")
@@ -321,7 +283,7 @@ def _tokenizer_stage(cfg: Any, root: str, specs: list[dict[str, Any]],
       meta = json.load(f)
     os.replace(prefix + ".training.model", model)
     os.remove(prefix + ".training.json")
-  meta["prepare_settings"] = _normalise(settings)
+  meta["prepare_settings"] = stages.normalise(settings)
   meta["seconds"] = round(time.time() - t0, 2)
   atomic_io.write_json(sidecar, meta)
   return tok_lib.Tokenizer.load(model), settings
@@ -339,13 +301,17 @@ def _unique(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class _Lock:
-  """Exclusive lock on `<root>/.prepare.lock`: one prepare-data per data directory."""
+  """Exclusive lock on `<root>/.prepare.lock`: one prepare-data per data directory.
+
+  The holder writes its pid and host into the file, and a refused run names them.
+  (`filelock.FileLock` opens the file with O_TRUNC on every attempt, so a refused
+  run would erase the holder's name before reading it.)
+  """
 
   def __init__(self, root: str):
     self.path = os.path.join(root, ".prepare.lock")
 
   def __enter__(self):
-    import fcntl
     self._f = open(self.path, "a+")
     try:
       fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -373,7 +339,7 @@ def prepare_data(cfg: Any, workdir: str) -> dict[str, Any]:
   """
   validate_data_config(cfg)
   mc = config_lib.model_config(cfg)
-  root = data_root(cfg, workdir)
+  root = workspace.data_root(cfg, workdir)
   os.makedirs(root, exist_ok=True)
   with _Lock(root):
     return _prepare(cfg, mc, root)
@@ -381,7 +347,7 @@ def prepare_data(cfg: Any, workdir: str) -> dict[str, Any]:
 
 def _prepare(cfg: Any, mc: Any, root: str) -> dict[str, Any]:
   t0 = time.time()
-  _clean_tmp(root)
+  stages.clean_tmp(root)
   d = cfg.data
   threads = d.prepare_threads or -1
 

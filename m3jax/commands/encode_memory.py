@@ -27,7 +27,7 @@ from m3jax.core import distributed
 from m3jax.memory import bank_format
 from m3jax.memory import codecs
 from m3jax.memory import encode_job
-from m3jax.training import checkpoint as checkpoint_lib
+from m3jax.model import params_io
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model: params dir, workdir or step dir.")
@@ -60,7 +60,7 @@ def main(argv: list[str]) -> None:
     distributed.initialize_from_flags()
   try:
     cfg = config_lib.validate(_CONFIG.value)
-    ckpt_cfg, params, step = checkpoint_lib.load_for_inference(_CHECKPOINT.value)
+    ckpt_cfg, params, step = params_io.load_for_inference(_CHECKPOINT.value)
     result = encode_job.run(
         cfg, checkpoint=_CHECKPOINT.value, checkpoint_config=ckpt_cfg, params=params,
         step=step, references=_REFERENCES.value, out=_OUT.value,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import sys
 
+import jax
 from absl import app
 from absl import flags
 
@@ -52,7 +53,6 @@ _OUTPUT = flags.DEFINE_string("output", None, "Also write {prompt, completion} J
 
 def main(argv: list[str]) -> None:
   commands.check_args(argv)
-  import jax
   try:
     prompts = gen_lib.read_prompts(_PROMPTS_FILE.value, _PROMPT.value)
     sampling = gen_lib.Sampling(_TEMPERATURE.value, _TOP_P.value)

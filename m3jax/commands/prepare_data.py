@@ -16,11 +16,12 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from m3jax import commands
-from m3jax.core import config as config_lib
 from data_pipeline import corpus
 from data_pipeline import prepare
 from data_pipeline import tokenizer
+from m3jax import commands
+from m3jax.core import config as config_lib
+from m3jax.core import workspace
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -36,7 +37,7 @@ def main(argv: list[str]) -> None:
           tokenizer.TokenizerMismatchError, FileNotFoundError) as e:
     print(f"m3jax prepare-data: error: {e}", file=sys.stderr)
     sys.exit(1)
-  root = prepare.data_root(cfg, _WORKDIR.value)
+  root = workspace.data_root(cfg, _WORKDIR.value)
   summary = dict(data=root, tokenizer=manifest["tokenizer"]["hash"][:12],
                  references=manifest["datasets"]["references"]["num_references"],
                  sequences={k: v["sequences"]

@@ -31,7 +31,8 @@ NEIGHBORS_DIR = "neighbors"
 
 
 def _abspath(path: str) -> str:
-  return os.path.abspath(os.path.expanduser(path))
+  """Absolute local path; URLs (gs://...) are kept as they are (Orbax opens them)."""
+  return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
 def data_root(cfg: Any, workdir: str) -> str:

@@ -18,18 +18,18 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from data_pipeline import prepare as prepare_lib
+from data_pipeline import tokenizer as tok_lib
 from m3jax.core import config as config_lib
 from m3jax.core import workspace
 from m3jax.core.config import ModelConfig
-from data_pipeline import prepare as prepare_lib
-from data_pipeline import tokenizer as tok_lib
 from m3jax.memory import bank_format
 from m3jax.memory.bank_reader import MemoryBank
 from m3jax.memory import source as ms_lib
+from m3jax.model import params_io
 from m3jax.model.transformer import Transformer
 from m3jax.retrieval import retriever as retriever_lib
 from m3jax.retrieval import schedule
-from m3jax.training import checkpoint as checkpoint_lib
 
 
 class InferenceSetupError(ValueError):
@@ -55,7 +55,7 @@ def resolve_data_root(cfg: ml_collections.ConfigDict, workdir: str | None,
   """--data_dir, else <workdir or checkpoint dir>/<data.workdir_data> holding a manifest."""
   if data_dir:
     path = os.path.abspath(data_dir)
-    if not os.path.isfile(os.path.join(path, "manifest.json")):
+    if not os.path.isfile(os.path.join(path, workspace.DATA_MANIFEST)):
       raise InferenceSetupError(f"--data_dir={data_dir}: no manifest.json (run `m3jax "
                                 "prepare-data` for that workdir first)")
     return path
@@ -67,7 +67,7 @@ def resolve_data_root(cfg: ml_collections.ConfigDict, workdir: str | None,
       continue
     path = sub if os.path.isabs(sub) else os.path.join(os.path.abspath(base), sub)
     tried.append(path)
-    if os.path.isfile(os.path.join(path, "manifest.json")):
+    if os.path.isfile(os.path.join(path, workspace.DATA_MANIFEST)):
       return path
   raise InferenceSetupError("no prepare-data directory found (tried "
                             + ", ".join(dict.fromkeys(tried))
@@ -85,7 +85,7 @@ def open_inference(checkpoint: str, *, modes: Sequence[str], workdir: str | None
     raise InferenceSetupError("--checkpoint is required (a params dir, a training workdir, "
                               "its checkpoints dir or a step dir)")
   try:
-    cfg, params, step = checkpoint_lib.load_for_inference(checkpoint)
+    cfg, params, step = params_io.load_for_inference(checkpoint)
   except FileNotFoundError as e:
     raise InferenceSetupError(f"--checkpoint={checkpoint}: {e}") from e
   if dtype:
@@ -106,7 +106,7 @@ def open_inference(checkpoint: str, *, modes: Sequence[str], workdir: str | None
     raise InferenceSetupError(f"--index: {index_dir} does not exist (run `m3jax build-index`)")
   emb_params = params
   if embedder_params:
-    emb_params = checkpoint_lib.load_for_inference(embedder_params)[1]
+    emb_params = params_io.load_for_inference(embedder_params)[1]
   inf.retriever = retriever_lib.load_retriever(
       index_dir, k=config.memories_per_chunk, references=inf.references,
       tokenize=tokenizer.encode, overlap_threshold=overlap_threshold, model_config=config,
@@ -119,8 +119,8 @@ def open_inference(checkpoint: str, *, modes: Sequence[str], workdir: str | None
 
 def _memory_source(inf: Inference, workdir: str | None, bank_dir: str | None,
                    cache_memories: int | None, log) -> Any:
-  if bank_dir is None and workdir and os.path.isdir(os.path.join(workdir, "bank")):
-    bank_dir = os.path.join(workdir, "bank")
+  if bank_dir is None and workdir and os.path.isdir(workspace.bank_dir(workdir)):
+    bank_dir = workspace.bank_dir(workdir)
   if bank_dir:
     kwargs = {} if cache_memories is None else dict(cache_memories=cache_memories)
     try:

@@ -356,7 +356,7 @@ def run(cfg: Any, *, checkpoint: str, checkpoint_config: Any, params: Any, step:
   """`m3jax encode-memory` on loaded parameters: check them, open the references, `encode_bank`.
 
   `checkpoint_config`, `params`, `step` are what
-  `m3jax.training.checkpoint.load_for_inference(checkpoint)` returns (loaded by the
+  `m3jax.model.params_io.load_for_inference(checkpoint)` returns (loaded by the
   caller: this layer does not import training). The model section of `cfg` must
   describe the checkpoint's model (compute dtype may differ); `cfg.bank` and
   `cfg.mesh.tensor` set the job. kwargs go to `encode_bank` (process_index,

@@ -1,7 +1,8 @@
 """Training checkpoints: one Orbax step directory per save, restorable into any mesh.
 
-A training workdir keeps its checkpoints under `<workdir>/checkpoints/<step>/`, each
-step one atomic Orbax checkpoint with up to three items:
+A training workdir keeps its checkpoints under `<workdir>/checkpoints/<step>/`
+(`m3jax.core.workspace.checkpoint_dir`), each step one atomic Orbax checkpoint with up
+to three items:
 
   state/  the train-state pytree (`StandardSave`; sharded arrays written by every host)
   data/   the data-iterator state of EVERY process: `process_<i>-of-<n>.json` (or `.bin`
@@ -13,12 +14,9 @@ host has finished, so a job killed mid-save leaves no directory that looks compl
 `latest_step()` only sees finished steps. Saves are asynchronous: `save()` returns once
 arrays are copied off the device, writing continues in the background.
 
-`PreemptionGuard` turns SIGTERM/SIGINT into a flag the loop polls (`should_stop(step)`),
-agreed across hosts, so every process saves the same step and exits cleanly.
-
-`export_params` / `load_for_inference` bridge checkpoints to params directories
-(`m3jax.model.params_io`): inference accepts a params dir, a workdir, its checkpoints dir or
-one step dir.
+Stopping on a signal is `m3jax.training.preemption`; reading the params of a step for
+inference (or exporting them as a params directory) is `m3jax.model.params_io`, which
+readers use without importing the trainer.
 """
 
 from __future__ import annotations
@@ -28,10 +26,7 @@ import datetime
 import json
 import logging
 import os
-import re
-import signal
-import threading
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import ml_collections
@@ -40,14 +35,12 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import future as ocp_future
 
-from m3jax.core import config as config_lib
+from m3jax.core import workspace
 from m3jax.model import params_io
 
-CHECKPOINTS_DIR = "checkpoints"
-STATE_ITEM = "state"
+STATE_ITEM = params_io.STATE_ITEM
 DATA_ITEM = "data"
 META_ITEM = "meta"
-EXPORT_INFO_FILE = "export.json"  # beside a params dir written by `export_params`
 
 DataState = bytes | str | Mapping[str, Any] | list | None
 
@@ -55,11 +48,6 @@ DataState = bytes | str | Mapping[str, Any] | list | None
 def _abspath(path: str) -> str:
   """Absolute local path; URLs (gs://...) are left for Orbax to open."""
   return path if "://" in path else os.path.abspath(path)
-
-
-def checkpoint_dir(workdir: str) -> str:
-  """`<workdir>/checkpoints`: where a training run keeps its steps."""
-  return os.path.join(_abspath(workdir), CHECKPOINTS_DIR)
 
 
 # ------------------------------------------------------------------ per-process data state
@@ -214,7 +202,7 @@ class Checkpointer:
         raise ValueError(f"config field `train.keep_checkpoints`: {keep} must be >= 0 "
                          "(0 keeps every checkpoint)")
       kwargs["keep"] = keep or None
-    return cls(checkpoint_dir(workdir), **kwargs)
+    return cls(workspace.checkpoint_dir(workdir), **kwargs)
 
   # ---------------------------------------------------------------- queries
 
@@ -301,222 +289,3 @@ class Checkpointer:
 
   def __exit__(self, *exc: Any) -> None:
     self.close()
-
-
-# ------------------------------------------------------------------ preemption
-
-
-class PreemptionGuard:
-  """Turns SIGTERM / SIGINT into a "save and stop" decision the training loop polls.
-
-  Every process calls `should_stop(step)` once per step, at the same steps; it
-  returns True on the same step everywhere, after which the loop saves a
-  checkpoint and exits 0.
-
-  * One process: Python handlers for `signals` set a flag; the step it is seen at
-    stops the loop. A second SIGINT raises KeyboardInterrupt (hard abort).
-  * Several processes with JAX's preemption service (the default once
-    `jax.distributed` is initialised): SIGTERM is caught by JAX's notifier, which
-    agrees on a safe step across hosts (`reached_preemption_sync_point`); no
-    Python SIGTERM handler is installed (it would replace JAX's). SIGINT keeps
-    its default, so Ctrl-C on a multi-host job still aborts it.
-  * Several processes, local requests (`request()`, or signal handlers when JAX's
-    service is off): the flags are all-gathered every `sync_every` steps. That
-    collective waits for the device like a metrics fetch does, so pass the logging
-    period as `sync_every`.
-  """
-
-  def __init__(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT), *,
-               sync_every: int = 10):
-    if sync_every < 1:
-      raise ValueError(f"sync_every={sync_every}: must be >= 1")
-    self._signals = tuple(signals)
-    self._sync_every = sync_every
-    self._previous: dict[int, Any] = {}
-    self._flag = threading.Event()
-    self.signal_name: str | None = None
-    self.stop_step: int | None = None
-
-  @staticmethod
-  def _jax_preemption_service() -> bool:
-    return jax.distributed.is_initialized() and bool(jax.config.jax_enable_preemption_service)
-
-  def install(self) -> "PreemptionGuard":
-    """Installs the handlers (main thread only); returns self."""
-    if threading.current_thread() is not threading.main_thread():
-      raise RuntimeError("PreemptionGuard.install() must run in the main thread")
-    skip = set()
-    if jax.process_count() > 1 and self._jax_preemption_service():
-      skip = {signal.SIGTERM, signal.SIGINT}
-    for sig in self._signals:
-      if sig in skip:
-        continue
-      self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def uninstall(self) -> None:
-    """Restores the handlers that were there before `install()`."""
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-    self._previous.clear()
-
-  def __enter__(self) -> "PreemptionGuard":
-    return self.install()
-
-  def __exit__(self, *exc: Any) -> None:
-    self.uninstall()
-
-  def _handle(self, signum: int, frame: Any) -> None:
-    del frame
-    if self._flag.is_set() and signum == signal.SIGINT:
-      raise KeyboardInterrupt  # second Ctrl-C: stop waiting for the checkpoint
-    self.request(signal.Signals(signum).name)
-
-  def request(self, reason: str = "request") -> None:
-    """Asks the loop to stop, as a signal would (usable from any thread)."""
-    if not self._flag.is_set():
-      self.signal_name = reason
-      logging.warning("m3jax: %s received; will save a checkpoint and stop", reason)
-    self._flag.set()
-
-  @property
-  def requested(self) -> bool:
-    """True once this process saw a stop signal (not yet agreed with other hosts)."""
-    return self._flag.is_set()
-
-  def should_stop(self, step: int) -> bool:
-    """True at the step where every process should save and exit (call every step)."""
-    if self.stop_step is not None:
-      return True
-    stop = self._flag.is_set()
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      stop = False
-      if self._jax_preemption_service():
-        stop = multihost_utils.reached_preemption_sync_point(int(step))
-        if stop and self.signal_name is None:
-          self.signal_name = "SIGTERM"
-      if not stop and step % self._sync_every == 0:
-        # Local requests (Python handlers, `request()`): the same collective on every
-        # process, so all of them see the same answer at the same step.
-        flags = multihost_utils.process_allgather(np.int32(self._flag.is_set()))
-        stop = bool(np.any(flags))
-    if stop:
-      self.stop_step = int(step)
-    return stop
-
-
-# ------------------------------------------------------------------ export / inference
-
-
-def _restore_params(item_dir: epath.Path, shardings: Any = None, key: str | None = "params"
-                    ) -> Any:
-  """Reads the pytree in `item_dir` (only its `key` entry, if given) into `shardings`.
-
-  With `key="params"` on a train state, the optimizer moments stay on disk. Without
-  `shardings`, every array goes to the first local device.
-  """
-  handler = ocp.PyTreeCheckpointHandler()
-  try:
-    tree = handler.metadata(item_dir).tree
-    if key is not None and key not in tree:
-      raise KeyError(f"{item_dir} holds no `{key}` entry (top-level keys: "
-                     f"{sorted(tree)}); the train state must keep its parameters there")
-    target_meta = tree[key] if key is not None else tree
-    if shardings is None:
-      device = jax.local_devices()[0]
-      shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(device),
-                               target_meta)
-    abstract = jax.tree.map(
-        lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), target_meta,
-        shardings)
-    item = {key: abstract} if key is not None else abstract
-    restored = handler.restore(
-        item_dir,
-        args=ocp.args.PyTreeRestore(
-            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-            partial_restore=key is not None))
-  finally:
-    handler.close()
-  return restored[key] if key is not None else restored
-
-
-def _workdir_config(checkpoints: str) -> ml_collections.ConfigDict:
-  path = os.path.join(os.path.dirname(os.path.abspath(checkpoints)), params_io.CONFIG_FILE)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(
-        f"{path} not found: a training workdir keeps the run's config.json beside "
-        f"{CHECKPOINTS_DIR}/ (written by m3jax.core.config.save_config)")
-  return config_lib.config_from_json(path)
-
-
-def _resolve_checkpoint(path: str) -> tuple[str, int]:
-  """(checkpoints dir, step) from a workdir, a checkpoints dir or a step dir."""
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)):
-    path = os.path.join(path, CHECKPOINTS_DIR)
-  name = os.path.basename(path.rstrip("/"))
-  if re.fullmatch(r"\d+", name) and os.path.isdir(os.path.join(path, STATE_ITEM)):
-    return os.path.dirname(path), int(name)
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"{path} does not exist")
-  step = Checkpointer(path, read_only=True).latest_step()
-  if step is None:
-    raise FileNotFoundError(
-        f"{path} is neither a params directory (config.json + params/), a training "
-        f"workdir (with {CHECKPOINTS_DIR}/), a checkpoints directory with a finished "
-        "step, nor a step directory")
-  return path, step
-
-
-def export_params(checkpoints: str, step: int | None, out_dir: str,
-                  cfg: ml_collections.ConfigDict | None = None) -> str:
-  """Writes the params of checkpoint `step` (None = latest) as a params directory.
-
-  `checkpoints` is a workdir or its checkpoints dir; the config defaults to the
-  workdir's `config.json`. Beside the params dir's `config.json` and `params/`,
-  `export.json` records the source step. Returns `out_dir`.
-  """
-  ckpt_dir, latest = _resolve_checkpoint(checkpoints)
-  step = latest if step is None else int(step)
-  cfg = _workdir_config(ckpt_dir) if cfg is None else cfg
-  state_dir = epath.Path(ckpt_dir) / str(step) / STATE_ITEM
-  if not state_dir.exists():
-    raise FileNotFoundError(f"checkpoint step {step} not found: {state_dir}")
-  params = _restore_params(state_dir)
-  params_io.save_params(out_dir, params, cfg)
-  if jax.process_index() == 0:
-    info = {"step": step, "source": os.path.join(ckpt_dir, str(step))}
-    with open(os.path.join(out_dir, EXPORT_INFO_FILE), "w") as f:
-      json.dump(info, f, indent=2)
-  return out_dir
-
-
-def load_for_inference(path: str, shardings: Any = None
-                       ) -> tuple[ml_collections.ConfigDict, Any, int | None]:
-  """(config, params, step) from a params dir, a workdir, a checkpoints dir or a step dir.
-
-  A workdir or checkpoints dir gives its latest finished step. `shardings` (a
-  pytree of `jax.sharding.Sharding` like the params) places the arrays; by default
-  they go to the first local device. `step` is None for a params dir that was not
-  exported from a checkpoint.
-  """
-  path = os.path.abspath(path)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} does not exist")
-  if os.path.isfile(os.path.join(path, params_io.CONFIG_FILE)) and os.path.isdir(
-      os.path.join(path, params_io.PARAMS_DIR)):
-    # Same format as m3jax.model.params_io.load_params, read here so that arrays land on
-    # one device by default instead of the layout they were saved from.
-    cfg = config_lib.config_from_json(os.path.join(path, params_io.CONFIG_FILE))
-    params = _restore_params(epath.Path(path) / params_io.PARAMS_DIR, shardings, key=None)
-    step = None
-    info = os.path.join(path, EXPORT_INFO_FILE)
-    if os.path.isfile(info):
-      with open(info) as f:
-        step = json.load(f).get("step")
-    return cfg, params, step
-  ckpt_dir, step = _resolve_checkpoint(path)
-  cfg = _workdir_config(ckpt_dir)
-  params = _restore_params(epath.Path(ckpt_dir) / str(step) / STATE_ITEM, shardings)
-  return cfg, params, step

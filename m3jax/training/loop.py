@@ -25,21 +25,22 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from m3jax.training import checkpoint as ckpt_lib
+from data_pipeline import loader as loader_lib
+from data_pipeline import prepare
 from m3jax.core import config as config_lib
-from m3jax.model import costs
 from m3jax.core import hardware
 from m3jax.core import metrics as metrics_lib
 from m3jax.core import workspace
-from m3jax.training import optim
+from m3jax.model import costs
+from m3jax.model import params_io
 from m3jax.model import sharding as sharding_lib
-from m3jax.training import step as step_lib
 from m3jax.model.transformer import Transformer
-from data_pipeline import loader as loader_lib
-from data_pipeline import prepare
 from m3jax.retrieval import neighbor_table
+from m3jax.training import checkpoint as ckpt_lib
+from m3jax.training import optim
+from m3jax.training import step as step_lib
+from m3jax.training.preemption import PreemptionGuard
 
-CONFIG_FILE = "config.json"
 
 
 def _say(msg: str) -> None:
@@ -143,10 +144,6 @@ def compile_steps(ctx: RunContext) -> tuple[Callable, Callable, Callable | None]
 # ------------------------------------------------------------------------ data
 
 
-def data_root(cfg: ml_collections.ConfigDict, workdir: str) -> str:
-  return workspace.data_root(cfg, workdir)
-
-
 def memory_inputs(cfg, root: str, split: str) -> tuple[Any, Any] | None:
   """(NeighborTable, ReferenceStore) of a split, or None when it has no neighbor table.
 
@@ -209,7 +206,7 @@ def evaluate(ctx: RunContext, params: Any, root: str, eval_plain: Callable,
 def _load_init_params(cfg, ctx: RunContext) -> Any:
   """Parameters of `train.init_from` (warmup run), checked against this model."""
   path = cfg.train.init_from
-  src_cfg, params, step = ckpt_lib.load_for_inference(path, shardings=ctx.state_shardings.params)
+  src_cfg, params, step = params_io.load_for_inference(path, shardings=ctx.state_shardings.params)
   src = config_lib.model_config(src_cfg)
   if src.fingerprint() != ctx.model_config.fingerprint():
     raise ValueError(f"train.init_from={path!r}: its model config differs from this run's "
@@ -220,7 +217,7 @@ def _load_init_params(cfg, ctx: RunContext) -> Any:
 
 def _write_run_config(cfg, workdir: str) -> None:
   """Saves the resolved config; refuses a workdir made for another model."""
-  path = os.path.join(workdir, CONFIG_FILE)
+  path = workspace.config_file(workdir)
   if os.path.exists(path):
     old = config_lib.model_config(config_lib.config_from_json(path))
     new = config_lib.model_config(cfg)
@@ -247,7 +244,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None
   ctx = build_context(cfg)
   t = cfg.train
   total_steps = int(max_steps or t.steps)
-  root = data_root(cfg, workdir)
+  root = workspace.data_root(cfg, workdir)
 
   checkpointer = ckpt_lib.Checkpointer.for_workdir(workdir, cfg)
   loader = make_train_loader(ctx, root)
@@ -277,7 +274,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None
 
   writer = metrics_lib.MetricWriter(workdir)
   acc = metrics_lib.MetricAccumulator(last=("lr",))
-  guard = ckpt_lib.PreemptionGuard(sync_every=int(t.log_every)).install()
+  guard = PreemptionGuard(sync_every=int(t.log_every)).install()
   step = int(jax.device_get(state.step))
   start_step, last_log_time, last_log_step = step, time.perf_counter(), step
   logged: dict[str, float] = {}

@@ -11,6 +11,7 @@ from absl import flags
 from launch import local
 from m3jax.training import checkpoint as ck
 from m3jax.core import distributed
+from m3jax.core import workspace
 
 pytestmark = pytest.mark.multiprocess
 
@@ -24,6 +25,7 @@ _JOB = textwrap.dedent("""
     from jax.experimental import multihost_utils
     from jax.sharding import NamedSharding, PartitionSpec as P
     from m3jax.training import checkpoint as ck
+    from m3jax.training.preemption import PreemptionGuard
     from m3jax.core import metrics
 
     pid = jax.process_index()
@@ -54,7 +56,7 @@ _JOB = textwrap.dedent("""
       print("RESTORED", pid, same, data, flush=True)
 
       # A programmatic request on one process stops both at the next sync step.
-      with ck.PreemptionGuard(sync_every=5) as guard:
+      with PreemptionGuard(sync_every=5) as guard:
         for step in range(2, 10):
           if pid == 0 and step == 2:
             guard.request("max wall time")
@@ -62,7 +64,7 @@ _JOB = textwrap.dedent("""
             print("REQUESTED", pid, step, flush=True)
             break
 
-      with ck.PreemptionGuard() as guard:
+      with PreemptionGuard() as guard:
         for step in range(10, 600):
           state = {"params": {"w": state["params"]["w"] + 1},
                    "step": jax.device_put(np.int32(step), replicated)}
@@ -100,7 +102,7 @@ def test_two_processes_collectives_checkpoint_and_preemption(tmp_path):
            if line.split()[1:2] == ["STOPPED"]}
   assert set(stops) == {"0", "1"} and stops["0"] == stops["1"] >= 12, out[-4000:]
   step = stops["0"]
-  c = ck.Checkpointer(ck.checkpoint_dir(str(workdir)), read_only=True)
+  c = ck.Checkpointer(workspace.checkpoint_dir(str(workdir)), read_only=True)
   assert c.all_steps() == [1, step]
   assert sorted(os.listdir(workdir / "checkpoints" / str(step) / "data")) == [
       "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]

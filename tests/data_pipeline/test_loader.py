@@ -18,6 +18,7 @@ from data_pipeline import packing
 from data_pipeline import prepare
 from data_pipeline import tokenizer as tok_lib
 from m3jax.core import config as config_lib
+from m3jax.core import workspace
 from m3jax.core.config import ConfigError
 
 VOCAB = 512
@@ -35,7 +36,7 @@ def prepared(repo_root, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("work"))
   cfg = _cfg(repo_root)
   manifest = prepare.prepare_data(cfg, workdir)
-  return dict(cfg=cfg, workdir=workdir, root=prepare.data_root(cfg, workdir), manifest=manifest)
+  return dict(cfg=cfg, workdir=workdir, root=workspace.data_root(cfg, workdir), manifest=manifest)
 
 
 # ------------------------------------------------------------------ packing
@@ -162,6 +163,27 @@ def test_leftovers_of_killed_runs_are_cleaned_and_foreign_dirs_refused(prepared,
   os.makedirs(os.path.join(root, "foreign"))
   with pytest.raises(prepare.StageMismatchError, match="foreign exists but has no stage.json"):
     prepare.run_stage(root, "foreign", {}, lambda tmp: {})
+
+
+def test_stage_records_of_earlier_runs_are_reused(tmp_path):
+  """A stage.json written before m3jax.core.stages (the same keys; settings hashed as
+  sorted JSON) is recognised; other settings are refused naming the field."""
+  import hashlib
+  settings = dict(seq_len=64, source=dict(kind="files", files=[["a.txt", 3]]))
+  old_hash = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+  record = dict(stage="packed", settings=settings, settings_hash=old_hash, info=dict(path="x"),
+                seconds=1.0, finished="2026-01-01T00:00:00+00:00")
+  os.makedirs(tmp_path / "packed")
+  with open(tmp_path / "packed" / "stage.json", "w") as f:
+    json.dump(record, f)
+
+  def must_not_run(tmp):
+    raise AssertionError("a finished stage ran again")
+
+  got = prepare.run_stage(str(tmp_path), "packed", settings, must_not_run)
+  assert got["settings_hash"] == old_hash and got["info"] == {"path": "x"}
+  with pytest.raises(prepare.StageMismatchError, match="seq_len: 64 -> 32"):
+    prepare.run_stage(str(tmp_path), "packed", dict(settings, seq_len=32), must_not_run)
 
 
 def test_files_corpus_with_separate_knowledge_base(repo_root, tmp_path):

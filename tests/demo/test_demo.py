@@ -8,6 +8,7 @@ import ml_collections
 import pytest
 
 from m3jax.demo import pipeline as demo
+from m3jax.demo import report
 from m3jax.core.config import load_config
 
 TINY_DEMO = (
@@ -46,11 +47,11 @@ def test_every_stage_runs_and_summary_is_complete(first_run):
               "targets", "curves", "stages", "total_seconds", "plots"):
     assert key in on_disk, key
   for task in ("kw_mc", "kw_qa"):
-    for mode in demo.MODES:
+    for mode in report.MODES:
       accs = on_disk["qa_accuracy"][task][mode]
-      assert set(accs) == {"all", *demo.GROUPS}
+      assert set(accs) == {"all", *report.GROUPS}
       assert all(0.0 <= v <= 1.0 for v in accs.values())
-  for mode in demo.MODES:
+  for mode in report.MODES:
     assert on_disk["perplexity"][mode] > 1.0
     assert on_disk["decode_tokens_per_s"][mode] > 0
   mem = on_disk["memory"]
@@ -59,11 +60,11 @@ def test_every_stage_runs_and_summary_is_complete(first_run):
   assert on_disk["targets"]["chance"] == pytest.approx(0.1)
   for stage in ("warmup", "continual"):
     assert len(on_disk["curves"][stage]["train_loss"]) == 2
-  for plot in demo.PLOTS:
+  for plot in report.PLOTS:
     path = os.path.join(wd, plot)
     with open(path, "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n", plot
-  text = demo.format_summary(on_disk)
+  text = report.format_summary(on_disk)
   assert "unseen" in text and "explicit/none" in text
 
 
@@ -85,6 +86,38 @@ def test_changed_stage_settings_rerun_that_stage_and_later(first_run, tmp_path):
   assert again["stage_status"]["bench"] == "ran"
   assert again["stage_status"]["eval"] == "reused"
   assert again["decode_setup"]["runs"] == 3
+
+
+def test_stage_records_of_earlier_runs_are_reused(tmp_path):
+  """A record written before m3jax.core.stages (same JSON keys, hash of the same
+  settings + upstream keys) is recognised: the stage is not run again."""
+  import hashlib
+  import json as json_lib
+
+  def old_key(obj):
+    return hashlib.sha256(json_lib.dumps(obj, sort_keys=True, default=str).encode()
+                          ).hexdigest()[:16]
+
+  settings = dict(model={"d_model": 64}, data={"eval_tasks": ("kw_mc", "kw_qa")})
+  first = dict(name="prepare", key=old_key(dict(settings=settings, upstream={})),
+               seconds=1.25, result={"n": 1}, finished="2026-01-01T00:00:00")
+  second = dict(name="index", key=old_key(dict(settings=settings,
+                                                upstream={"prepare": first["key"]})),
+                seconds=2.5, result={"count": 3}, finished="2026-01-01T00:00:01")
+  os.makedirs(tmp_path / demo.STAGES_DIR)
+  for rec in (first, second):
+    with open(tmp_path / demo.STAGES_DIR / f"{rec['name']}.json", "w") as f:
+      json_lib.dump(rec, f, indent=2)
+
+  def must_not_run():
+    raise AssertionError("a finished stage ran again")
+
+  runner = demo._Stages(str(tmp_path), log=lambda msg: None)
+  assert runner.run("prepare", settings, must_not_run, lambda: True)["status"] == "reused"
+  rec = runner.run("index", settings, must_not_run, lambda: True)
+  assert rec["status"] == "reused" and rec["result"] == {"count": 3}
+  ran = runner.run("index", dict(settings, data={}), lambda: {"count": 4}, lambda: True)
+  assert ran["status"] == "ran" and ran["result"] == {"count": 4}
 
 
 def test_unknown_demo_field_is_refused(repo_root):

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from data_pipeline import prepare
+from m3jax.core import workspace
 from m3jax.evaluation import tasks
 
 
@@ -55,7 +56,7 @@ def test_parse_tasks_flag():
 
 def test_heldout_sequences_drop_padding(tiny_prepared):
   cfg, workdir = tiny_prepared
-  root = prepare.data_root(cfg, str(workdir))
+  root = workspace.data_root(cfg, str(workdir))
   pad = prepare.open_tokenizer(root).pad_id
   seqs = tasks.load_heldout_sequences(root)
   assert seqs and all(pad not in s.tolist() for s in seqs)
@@ -66,7 +67,7 @@ def test_heldout_sequences_drop_padding(tiny_prepared):
 
 def test_load_tasks_gives_each_task_its_items(tiny_prepared):
   cfg, workdir = tiny_prepared
-  root = prepare.data_root(cfg, str(workdir))
+  root = workspace.data_root(cfg, str(workdir))
   data = tasks.load_tasks({"kw_qa": None, "kw_mc": None, "kw_coverage": None,
                            "perplexity": None}, root, limit=3)
   qa, mc = tasks.load_knowledge_qa(root, 3)

@@ -1,4 +1,5 @@
-"""Checkpointer: sharded round trips, keep-N, latest step, async safety, preemption, export."""
+"""Checkpointer: sharded round trips, keep-N, latest step, async safety, preemption, and
+reading its steps for inference (m3jax.model.params_io)."""
 
 import json
 import os
@@ -14,8 +15,11 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from m3jax.training import checkpoint as ck
 from m3jax.core import config as config_lib
+from m3jax.core import workspace
+from m3jax.model import params_io
+from m3jax.training import checkpoint as ck
+from m3jax.training.preemption import PreemptionGuard
 
 
 def _state(mesh_2x4, mesh_8, seed=0):
@@ -185,10 +189,11 @@ _GUARD_SCRIPT = textwrap.dedent("""
     import sys, time
     import jax.numpy as jnp
     from m3jax.training import checkpoint as ck
+    from m3jax.training.preemption import PreemptionGuard
 
     workdir = sys.argv[1]
     state = {"w": jnp.zeros((4,))}
-    with ck.PreemptionGuard() as guard, ck.Checkpointer.for_workdir(workdir) as c:
+    with PreemptionGuard() as guard, ck.Checkpointer.for_workdir(workdir) as c:
       step = 0
       while True:
         step += 1
@@ -218,7 +223,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
     proc.kill()
   assert proc.returncode == 0, err
   saved_step = int(out.split("SAVED")[1].split()[0])
-  c = ck.Checkpointer(ck.checkpoint_dir(str(workdir)), read_only=True)
+  c = ck.Checkpointer(workspace.checkpoint_dir(str(workdir)), read_only=True)
   assert c.latest_step() == saved_step
   state, data, meta = c.restore()
   np.testing.assert_array_equal(np.asarray(state["w"]), np.full((4,), saved_step, np.float32))
@@ -227,7 +232,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
 
 def test_guard_single_process_flag_and_restore_handlers():
   before = signal.getsignal(signal.SIGTERM)
-  with ck.PreemptionGuard() as guard:
+  with PreemptionGuard() as guard:
     assert not guard.should_stop(1)
     os.kill(os.getpid(), signal.SIGTERM)
     assert guard.requested and guard.should_stop(2) and guard.stop_step == 2
@@ -245,20 +250,24 @@ def test_export_params_and_load_for_inference_from_every_kind_of_path(tmp_path, 
   want = {8: _state(mesh_2x4, mesh_8, seed=1)["params"],
           3: _state(mesh_2x4, mesh_8, seed=0)["params"]}
 
-  out = ck.export_params(str(workdir), None, str(tmp_path / "exported"))
+  # A half-written step (a save killed mid-way) is not a finished step.
+  os.makedirs(workdir / "checkpoints" / "9.orbax-checkpoint-tmp-1" / "state")
+  assert params_io.latest_step(str(workdir / "checkpoints")) == 8
+
+  out = params_io.export_params(str(workdir), None, str(tmp_path / "exported"))
   assert sorted(os.listdir(out)) == ["config.json", "export.json", "params"]
 
   for path, step in ((workdir, 8), (workdir / "checkpoints", 8),
                      (workdir / "checkpoints" / "3", 3), (tmp_path / "exported", 8)):
-    cfg, params, got_step = ck.load_for_inference(str(path))
+    cfg, params, got_step = params_io.load_for_inference(str(path))
     assert got_step == step, path
     assert cfg.model.d_model == tiny_config.model.d_model
     _assert_tree_equal(params, want[step])
 
   shardings = jax.tree.map(lambda x: x.sharding, want[8])
-  _, params, _ = ck.load_for_inference(str(workdir), shardings)
+  _, params, _ = params_io.load_for_inference(str(workdir), shardings)
   assert params["mlp"]["kernel"].sharding == shardings["mlp"]["kernel"]
 
   with pytest.raises(FileNotFoundError, match="neither a params directory"):
     os.makedirs(tmp_path / "empty")
-    ck.load_for_inference(str(tmp_path / "empty"))
+    params_io.load_for_inference(str(tmp_path / "empty"))

@@ -112,10 +112,10 @@ def test_continual_stage_from_warmup_reads_memory(tiny_prepared, tmp_path, refer
   assert 0.0 < out["train/memory_attention_mass"] < 1.0
   assert "eval/memory/loss" in out and "eval/no_memory/loss" in out
   # Continual starts from the warmup run's final parameters, not from a fresh init.
-  from m3jax.training import checkpoint as ckpt_lib
+  from m3jax.model import params_io
   ctx = train_lib.build_context(c)
   loaded = train_lib._load_init_params(c, ctx)
-  _, warm, step = ckpt_lib.load_for_inference(str(reference_run))
+  _, warm, step = params_io.load_for_inference(str(reference_run))
   assert step == STEPS
   for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(warm)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
