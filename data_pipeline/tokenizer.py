@@ -1,7 +1,7 @@
 """SentencePiece tokenizer: training, the `Tokenizer` wrapper and compatibility checks.
 
-Every m3jax tokenizer has the same fixed special ids (CONTRACT.md): pad=0, unk=1,
-bos=2, eos=3, the user-defined piece "Reference:"=4 (so the reference sink
+Every m3jax tokenizer has the same fixed special ids (docs/model.md "Tokenizer contract"):
+pad=0, unk=1, bos=2, eos=3, the user-defined piece "Reference:"=4 (so the reference sink
 prefix `<s>Reference:` is ids (2, 4)) and the newline "\n"=5. Byte fallback makes every UTF-8 string
 encodable; normalization is the identity (no NFKC, whitespace kept), so decoding
 gives back exactly the text that was encoded.

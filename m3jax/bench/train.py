@@ -3,7 +3,8 @@
 Both steps run on the same config, mesh and batch in one process (random
 parameters, random tokens and references: speed does not depend on values), so
 their ratio is the cost of explicit memory in training. The paper reports a
-continual step costing a bit more than 2x a warmup step (memory3-paper.md §4.3).
+continual step costing a bit more than 2x a warmup step (paper §5.3; docs/model.md
+"Training stages").
 """
 
 from __future__ import annotations

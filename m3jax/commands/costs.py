@@ -2,7 +2,7 @@
 
   m3jax costs --config=configs/memory3_2p4b.py [--references=1.12e8] [--uses=1,10,100]
 
-Prints the report of `m3jax.model.cost_report.format_report` (docs/model.md, paper §2.5, §5).
+Prints the report of `m3jax.model.cost_report.format_report` (docs/model.md "Cost model").
 """
 
 from __future__ import annotations

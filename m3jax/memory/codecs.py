@@ -2,7 +2,7 @@
 
 A memory (L_mem, 2, H_mem, k, d_h) is L_mem·2·H_mem·k vectors of d_h numbers. A
 *codec* turns each vector into a few bytes and back; the bank stores the bytes and
-decodes on lookup, on the CPU, as the paper does (docs/model.md, paper §2.4).
+decodes on lookup, on the CPU, as the paper does (docs/model.md "Quantization", paper Appendix B).
 
 - `BFloat16Codec` ("none"): the vector in bfloat16, 2·d_h bytes (stored as the raw
   uint16 bit patterns, which any numpy reads).

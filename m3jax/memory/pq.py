@@ -6,7 +6,7 @@ quantization: stage t splits the (rotated) vector into m_t contiguous sub-vector
 centroids (one byte); the next stage quantizes what is left. Bytes per vector =
 sum(m_t). The paper's OPQ20x80-Residual2x14-PQ8x10 uses 14 bytes per 80-dim
 vector (11.4x); `subvectors=(10, 4)` spends the same 14 bytes with 8-bit codes
-(docs/model.md, paper §2.4).
+(docs/model.md "Quantization", paper Appendix B).
 
 Codebooks are trained per group of vectors with k-means (Lloyd, fixed iterations,
 seeded initialisation, one-hot matmuls instead of scatter-adds so GPU runs are

@@ -2,7 +2,7 @@
 
 The formulas live in `m3jax.model.costs`; this module only gathers them into a
 `CostReport` and formats it (binary byte units, paper-style scientific notation),
-see docs/model.md (paper §2.5, §5, Appendix A).
+see docs/model.md (paper §1, §3.3, Appendix A).
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""Parameter, storage and FLOP accounting for a model config (docs/model.md, paper §2.5, §5).
+"""Parameter, storage and FLOP accounting for a model config.
+
+See docs/model.md "Cost model" (paper §1, §3.3 and Appendix A).
 
 Every number here is computed from a `ModelConfig`; nothing is typed in. The
 notation follows the paper's Appendix A:
@@ -154,7 +156,7 @@ def quantized_memory_bytes_per_reference(
 
 @dataclasses.dataclass(frozen=True)
 class Sparsity:
-  """Compression factors of a memory against the dense KV cache (paper §2.5)."""
+  """Compression factors of a memory against the dense KV cache (paper §3.3)."""
 
   layers: float  # L / L_mem
   heads: float  # H / H_mem

@@ -1,8 +1,8 @@
 """Text RAG baseline: the retrieved references' tokens prepended to the prompt.
 
-As in the paper's RAG baselines (§6.5, Table 20): ONE retrieval per prompt, with
-the question alone as the query (few-shot examples do not pollute it), the same
-index and knowledge base as explicit memory, and the references as plain text in
+As in the paper's RAG baselines (paper §7.4, Table 20; docs/model.md "Memory modes"):
+ONE retrieval per prompt, with the question alone as the query (few-shot examples do
+not pollute it), the same index and knowledge base as explicit memory, and the references as plain text in
 front of the prompt. The context is
 
     <s> ref_1 SEP ref_2 SEP ... ref_k SEP prompt

@@ -1,4 +1,4 @@
-"""When memories are retrieved, and with which text (paper §3.4), as pure functions.
+"""When memories are retrieved, and with which text (paper §3.1, §7.5), as pure functions.
 
 A context (`<s>` + prompt + generated tokens) is cut into chunks of
 `chunk_length` tokens; the tokens of chunk c (context indices [c*L, (c+1)*L)) go

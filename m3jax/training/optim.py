@@ -2,7 +2,8 @@
 
 The paper trains with AdamW (weight decay 0.1) under MiniCPM's warmup-stable-decay
 (WSD) schedule: linear warmup, a long constant phase, then a fast decay over the
-last 10% of steps (memory3-paper.md §4.1). Cosine and constant are offered too.
+last 10% of steps (paper §5.1; docs/model.md "Learning-rate schedule and optimizer").
+Cosine and constant are offered too.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The `m3jax costs` report and command print the paper's figures (docs/model.md, paper §2.5, §5)."""
+"""The `m3jax costs` report and command print the paper's figures (docs/model.md "Cost model")."""
 
 import subprocess
 import sys

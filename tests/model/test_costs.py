@@ -1,4 +1,4 @@
-"""Cost accounting reproduces the paper's figures (docs/model.md, paper §1, §2.5, §5)."""
+"""Cost accounting reproduces the paper's figures (docs/model.md "Cost model")."""
 
 import jax
 import jax.numpy as jnp
