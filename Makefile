@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo install clean-venv
+.PHONY: test test-fast demo install clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -x --durations=15 tests
+
+# Unit tests only (markers `slow` and `multiprocess` excluded): a few minutes on 2 cores.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -x -m "not slow and not multiprocess" --durations=10 tests
 
 demo: $(STAMP)
 	$(BIN)/m3jax demo --config=configs/demo.py --workdir=demo_workdir
