@@ -7,6 +7,8 @@ Modules (one concept each):
   tfds_builders    TFDS builders (array_record, no TensorFlow) for every dataset we write.
   references       cutting knowledge-base documents into references; `ReferenceStore`.
   packing          packing tokenized documents into fixed-length training sequences.
+  documents        prepare-data's documents stage: the corpus sources and their datasets.
   prepare          the `m3jax prepare-data` stages, their reuse and the manifest.
+  prepared         opening what prepare-data wrote: manifest, tokenizer, datasets, questions.
   loader           the grain loader: deterministic, sharded, checkpointable batches.
 """

@@ -41,7 +41,7 @@ import grain.python as grain
 import numpy as np
 
 from data_pipeline import tfds_builders
-from data_pipeline import prepare
+from data_pipeline import prepared
 
 STATE_VERSION = 2
 
@@ -336,7 +336,7 @@ class Loader:
 
 def packed_source(root: str, split: str = "train") -> PackedSource:
   """The packed split of a prepared data directory (`<workdir>/data`)."""
-  return PackedSource(prepare.dataset_path(root, "packed"), split)
+  return PackedSource(prepared.dataset_path(root, "packed"), split)
 
 
 def make_loader(cfg: Any, root: str, *, split: str = "train", sharding: Any = None,

@@ -20,6 +20,9 @@ one the workdir was prepared with or that does not fit the model config
 (`m3jax.core.stages` runs and records the stages). Settings
 of later stages include the settings hash of the stages they read, so a rebuilt
 input never silently pairs with stale outputs. `manifest.json` sums it all up.
+
+The documents stage's sources and builder live in `data_pipeline.documents`; the
+readers of a finished data root (manifest, tokenizer, datasets) in `data_pipeline.prepared`.
 """
 
 from __future__ import annotations
@@ -28,13 +31,13 @@ import fcntl
 import json
 import os
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from data_pipeline import corpus as corpus_lib
-from data_pipeline import knowledge_world as kw_lib
+from data_pipeline import documents as documents_lib
 from data_pipeline import packing
+from data_pipeline import prepared
 from data_pipeline import references as references_lib
-from data_pipeline import tfds_builders
 from data_pipeline import tokenizer as tok_lib
 from m3jax.core import artifacts as atomic_io
 from m3jax.core import config as config_lib
@@ -43,8 +46,6 @@ from m3jax.core import workspace
 from m3jax.core.config import ConfigError
 from m3jax.core.progress import Progress
 
-MANIFEST = workspace.DATA_MANIFEST
-FORMAT = "m3jax-data/1"
 # A finished stage made with other settings; the name callers (m3jax prepare-data) catch.
 StageMismatchError = stages.StageChangedError
 
@@ -102,135 +103,6 @@ def run_stage(root: str, name: str, settings: dict[str, Any],
   in it relative to tmp_dir). Returns the stage record (settings, info, seconds).
   """
   return _runner().run(name, settings, build, output_dir=os.path.join(root, name))
-
-
-# ------------------------------------------------------------------ documents
-
-
-class _FileShard:
-  """Shard generator: the documents starting in one byte range of one file."""
-
-  def __init__(self, split: corpus_lib.FileSplit, text_field: str, txt_docs: str,
-               counts: dict[str, int]):
-    self.split, self.text_field, self.txt_docs, self.counts = split, text_field, txt_docs, counts
-
-  def __call__(self) -> Iterator[tuple[int, dict[str, str]]]:
-    k = 0
-    for source, text in corpus_lib.iter_split_documents(
-        self.split, text_field=self.text_field, txt_docs=self.txt_docs):
-      yield k, dict(text=text, source=source)
-      k += 1
-    self.counts[self.split.path] = self.counts.get(self.split.path, 0) + k
-
-
-class _ListShard:
-  def __init__(self, rows: list[dict[str, Any]]):
-    self.rows = rows
-
-  def __call__(self):
-    return enumerate(self.rows)
-
-
-def _list_shards(rows: list[dict[str, Any]], per_shard: int) -> list[_ListShard]:
-  return [_ListShard(rows[i:i + per_shard]) for i in range(0, len(rows), per_shard)] or \
-      [_ListShard([])]
-
-
-def _file_settings(files: list[str], d: Any, text_field: str) -> dict[str, Any]:
-  return dict(kind="files", files=[[f, os.path.getsize(f)] for f in files],
-              text_field=text_field, txt_docs=d.txt_docs, max_split_bytes=d.max_split_bytes)
-
-
-def _tfds_settings(name: str, split: str, data_dir: str, text_field: str) -> dict[str, Any]:
-  """A TFDS source, opened once here so that a missing dataset fails before any work."""
-  src = corpus_lib.TfdsDocuments(name, split=split, data_dir=data_dir or None,
-                                 text_field=text_field)
-  return dict(kind="tfds", name=name, split=split, data_dir=data_dir, text_field=text_field,
-              num_documents=len(src))
-
-
-def _sources(cfg: Any) -> dict[str, dict[str, Any]]:
-  """What the train text and the knowledge base are, before anything is built."""
-  d = cfg.data
-  out: dict[str, dict[str, Any]] = {}
-  if d.corpus == "knowledge_world":
-    out["train"] = dict(kind="knowledge_world", **kw_lib.resolve_settings(d.knowledge_world))
-  elif d.corpus == "files":
-    out["train"] = _file_settings(corpus_lib.expand_files(list(d.files), "data.files"), d,
-                                  d.text_field)
-  else:
-    out["train"] = _tfds_settings(d.tfds_name, d.tfds_split, d.tfds_data_dir, d.text_field)
-  kb_field = d.kb_text_field or d.text_field
-  if d.kb_files:
-    out["kb"] = _file_settings(corpus_lib.expand_files(list(d.kb_files), "data.kb_files"), d,
-                               kb_field)
-  elif d.kb_tfds_name:
-    out["kb"] = _tfds_settings(d.kb_tfds_name, d.kb_tfds_split,
-                               d.kb_tfds_data_dir or d.tfds_data_dir, kb_field)
-  elif d.corpus == "knowledge_world":
-    out["kb"] = dict(out["train"])
-  else:
-    out["kb"] = dict(kind="same_as_train")
-  return out
-
-
-def _build_documents(cfg: Any, sources: dict[str, dict[str, Any]], tmp: str) -> dict[str, Any]:
-  shards: dict[str, list] = {}
-  info: dict[str, Any] = {}
-  counts: dict[str, dict[str, int]] = {}
-  world = None
-  for split in ("train", "kb"):
-    src = sources[split]
-    if src["kind"] == "knowledge_world":
-      world = world or kw_lib.generate(cfg.data.knowledge_world)
-      docs = world.train_documents if split == "train" else world.kb_documents
-      shards[split] = _list_shards([dict(text=x.text, source=x.source) for x in docs],
-                                   cfg.data.shard_docs)
-    elif src["kind"] == "files":
-      files = [f for f, _ in src["files"]]
-      counts[split] = {}
-      splits = corpus_lib.plan_file_splits(files, txt_docs=src["txt_docs"],
-                                           max_split_bytes=src["max_split_bytes"])
-      shards[split] = [_FileShard(s, src["text_field"], src["txt_docs"], counts[split])
-                       for s in splits]
-  if shards:
-    path = tfds_builders.write_dataset(
-        tfds_builders.M3jaxDocuments, tmp, features=tfds_builders.DOCUMENT_FEATURES,
-        shards=shards, description="m3jax documents (train text / knowledge base).")
-    sizes = tfds_builders.split_sizes(path)
-    for split in shards:
-      if sizes.get(split, 0) == 0:
-        what = {"train": "data.files", "kb": "data.kb_files"}[split]
-        files = ", ".join(f for f, _ in sources[split].get("files", [])) or split
-        raise corpus_lib.CorpusError(f"{what}: empty corpus: no non-blank documents in {files}")
-    info["documents"] = dict(path=os.path.relpath(path, tmp), splits=sizes,
-                             documents_per_file=counts)
-  if world is not None:
-    qa = {"train": world.train_questions, "eval": world.eval_questions}
-    rows = {s: [dict(question=q.question, prompt=q.prompt, answer=q.answer,
-                     distractors=list(q.distractors), group=q.group, entity_id=q.entity_id,
-                     entity_name=q.entity_name, attribute=q.attribute) for q in qs]
-            for s, qs in qa.items()}
-    path = tfds_builders.write_dataset(
-        tfds_builders.M3jaxQa, tmp, features=tfds_builders.QA_FEATURES,
-        shards={s: _list_shards(r, 1 << 30) for s, r in rows.items() if r},
-        description="Knowledge-world QA: train (in the training text) and eval (held out).")
-    info["qa"] = dict(path=os.path.relpath(path, tmp), splits=tfds_builders.split_sizes(path))
-    info["knowledge_world"] = world.summary()
-  return info
-
-
-def _doc_spec(root: str, sources: dict[str, Any], docs: dict[str, Any], split: str
-              ) -> dict[str, Any]:
-  """Opening spec (absolute) for the train or KB documents."""
-  src = sources[split]
-  if src["kind"] == "same_as_train":
-    return _doc_spec(root, sources, docs, "train")
-  if src["kind"] == "tfds":
-    return dict(name=src["name"], split=src["split"], data_dir=src["data_dir"],
-                text_field=src["text_field"])
-  path = os.path.join(root, "documents", docs["info"]["documents"]["path"])
-  return dict(path=path, split=split, text_field="text")
 
 
 # ------------------------------------------------------------------ tokenizer
@@ -353,10 +225,11 @@ def _prepare(cfg: Any, mc: Any, root: str) -> dict[str, Any]:
 
   if d.tokenizer:  # fail before any work when the given tokenizer cannot serve the model
     tok_lib.check_compatible(tok_lib.Tokenizer.load(d.tokenizer), mc)
-  sources = _sources(cfg)
-  docs = run_stage(root, "documents", sources, lambda tmp: _build_documents(cfg, sources, tmp))
-  train_spec = _doc_spec(root, sources, docs, "train")
-  kb_spec = _doc_spec(root, sources, docs, "kb")
+  sources = documents_lib.sources(cfg)
+  docs = run_stage(root, "documents", sources,
+                   lambda tmp: documents_lib.build_documents(cfg, sources, tmp))
+  train_spec = documents_lib.doc_spec(root, sources, docs, "train")
+  kb_spec = documents_lib.doc_spec(root, sources, docs, "kb")
 
   tok, tok_settings = _tokenizer_stage(cfg, root, [train_spec, kb_spec],
                                        docs["settings_hash"])
@@ -397,7 +270,7 @@ def _prepare(cfg: Any, mc: Any, root: str) -> dict[str, Any]:
   packed = run_stage(root, "packed", packed_settings, build_packed)
 
   manifest = dict(
-      format=FORMAT,
+      format=prepared.FORMAT,
       corpus=dict(train=sources["train"], kb=sources["kb"]),
       tokenizer=dict(path="tokenizer.model", settings=tok_settings, **tok.metadata()),
       model=dict(vocab_size=mc.vocab_size, max_seq_len=mc.max_seq_len,
@@ -420,56 +293,5 @@ def _prepare(cfg: Any, mc: Any, root: str) -> dict[str, Any]:
   if "knowledge_world" in docs["info"]:
     manifest["knowledge_world"] = docs["info"]["knowledge_world"]
   manifest["seconds_this_run"] = round(time.time() - t0, 2)
-  atomic_io.write_json(os.path.join(root, MANIFEST), manifest)
+  atomic_io.write_json(os.path.join(root, prepared.MANIFEST), manifest)
   return manifest
-
-
-# ------------------------------------------------------------------ readers
-
-
-def load_manifest(root: str) -> dict[str, Any]:
-  path = os.path.join(root, MANIFEST)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} not found: run `m3jax prepare-data` for this workdir first")
-  with open(path) as f:
-    manifest = json.load(f)
-  if manifest.get("format") != FORMAT:
-    raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-  return manifest
-
-
-def dataset_path(root: str, name: str) -> str:
-  """Absolute version directory of dataset `name` (references, packed, documents, qa)."""
-  manifest = load_manifest(root)
-  if name not in manifest["datasets"]:
-    raise KeyError(f"{root}/{MANIFEST} lists no dataset {name!r}; has "
-                   f"{sorted(manifest['datasets'])}")
-  return os.path.join(root, manifest["datasets"][name]["path"])
-
-
-def open_tokenizer(root: str) -> tok_lib.Tokenizer:
-  manifest = load_manifest(root)
-  tok = tok_lib.Tokenizer.load(os.path.join(root, manifest["tokenizer"]["path"]))
-  tok_lib.check_tokenizer_hash(manifest["tokenizer"]["hash"], tok, f"{root}/{MANIFEST}")
-  return tok
-
-
-def open_references(root: str) -> references_lib.ReferenceStore:
-  """The ReferenceStore of a prepared data directory, checked against its tokenizer."""
-  store = references_lib.ReferenceStore(dataset_path(root, "references"))
-  store.check_tokenizer(open_tokenizer(root))
-  return store
-
-
-def read_questions(root: str, split: str = "eval") -> list[kw_lib.Question]:
-  """Knowledge-world questions ("eval": held out; "train": those in the training text)."""
-  source = tfds_builders.open_split(dataset_path(root, "qa"), split)
-  out = []
-  for lo in range(0, len(source), 1024):
-    for r in source.__getitems__(list(range(lo, min(lo + 1024, len(source))))):
-      text = {k: r[k].decode("utf-8") for k in ("entity_name", "group", "attribute", "question",
-                                                "answer")}
-      out.append(kw_lib.Question(
-          entity_id=int(r["entity_id"]), distractors=tuple(x.decode("utf-8")
-                                                           for x in r["distractors"]), **text))
-  return out

@@ -134,7 +134,7 @@ class ReferenceShard:
 
 
 def open_documents(spec: dict[str, Any]) -> corpus_lib.TfdsDocuments:
-  """Opens a document source from its manifest description (see prepare.py)."""
+  """Opens a document source from its manifest description (see `documents.doc_spec`)."""
   if spec.get("path"):
     return corpus_lib.TfdsDocuments(path=spec["path"], split=spec["split"],
                                     text_field=spec.get("text_field", "text"))

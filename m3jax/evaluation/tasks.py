@@ -28,7 +28,7 @@ from typing import Any, Iterable, NamedTuple, Sequence
 import numpy as np
 
 from data_pipeline import loader as loader_lib
-from data_pipeline import prepare as prepare_lib
+from data_pipeline import prepared
 from data_pipeline import tfds_builders
 
 TASKS = ("perplexity", "hellaswag", "arc", "boolq", "kw_qa", "kw_mc", "kw_coverage")
@@ -166,7 +166,7 @@ def load_knowledge_qa(data_root: str, limit: int | None = None,
   Returns (QA items for exact match, MC items with the gold answer among its
   distractors at a seeded random position). `limit` keeps an equal share per group.
   """
-  path = prepare_lib.dataset_path(data_root, "qa")
+  path = prepared.dataset_path(data_root, "qa")
   source = tfds_builders.open_split(path, "eval")
   dec = lambda x: x.decode("utf-8") if isinstance(x, bytes) else str(x)
   records = [source[i] for i in range(len(source))]
@@ -197,7 +197,7 @@ def load_heldout_sequences(data_root: str, limit: int | None = None) -> list[np.
   Padding is dropped: it is never text, and packing with `data.pack_align_chunks`
   puts it inside sequences, where scoring it would count tokens no model predicts.
   """
-  source = loader_lib.PackedSource(prepare_lib.dataset_path(data_root, "packed"), "validation")
+  source = loader_lib.PackedSource(prepared.dataset_path(data_root, "packed"), "validation")
   n = len(source) if not limit else min(limit, len(source))
   out = []
   for i in range(n):

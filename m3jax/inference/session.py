@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from data_pipeline import prepare as prepare_lib
+from data_pipeline import prepared
 from data_pipeline import tokenizer as tok_lib
 from m3jax.core import config as config_lib
 from m3jax.core import workspace
@@ -92,14 +92,14 @@ def open_inference(checkpoint: str, *, modes: Sequence[str], workdir: str | None
     cfg.model.dtype = dtype
   config = config_lib.model_config(cfg)
   data_root = resolve_data_root(cfg, workdir, data_dir, checkpoint)
-  tokenizer = prepare_lib.open_tokenizer(data_root)
+  tokenizer = prepared.open_tokenizer(data_root)
   tok_lib.check_compatible(tokenizer, config)
   inf = Inference(cfg, config, params, step, tokenizer, data_root,
                   paths=dict(checkpoint=os.path.abspath(checkpoint), data=data_root))
   need_index = any(m in ("explicit", "rag") for m in modes)
   if not need_index:
     return inf
-  inf.references = prepare_lib.open_references(data_root)
+  inf.references = prepared.open_references(data_root)
   inf.references.check_tokenizer(tokenizer)
   index_dir = index_dir or workspace.index_dir_of_root(data_root)
   if not os.path.isdir(index_dir):

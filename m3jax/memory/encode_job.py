@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from data_pipeline import prepare
+from data_pipeline import prepared
 from data_pipeline import references as references_lib
 from m3jax.core import artifacts
 from m3jax.core.config import ConfigError, model_config
@@ -341,12 +341,12 @@ def open_reference_store(path: str) -> Any:
   path = os.path.abspath(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f"--references: {path} does not exist")
-  manifest = os.path.join(path, prepare.MANIFEST)
+  manifest = os.path.join(path, prepared.MANIFEST)
   if os.path.exists(manifest):
     fmt = bank_format.read_json(manifest).get("format")
     if fmt == bank_format.FORMAT:
       raise ValueError(f"--references: {path} is a memory bank, not references")
-    return prepare.open_references(path)
+    return prepared.open_references(path)
   return references_lib.ReferenceStore(path)
 
 

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from data_pipeline import prepare
+from data_pipeline import prepared
 from m3jax.core import artifacts as atomic_io
 from m3jax.core import workspace
 
@@ -188,7 +188,7 @@ class NeighborTable:
 def expected_identity(cfg: Any, root: str, split: str = "train") -> dict[str, Any]:
   """Manifest fields a neighbor table of this data root, split and config must carry:
   everything a trainer can check without opening the index (`NeighborTable(expect=)`)."""
-  manifest = prepare.load_manifest(root)
+  manifest = prepared.load_manifest(root)
   stages = manifest["stages"]
   settings = MiningSettings.from_config(cfg, int(cfg.data.get("neighbor_shard_size", 1024)))
   return dict(

@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from data_pipeline import prepare
+from data_pipeline import prepared
 from data_pipeline import tfds_builders
 from m3jax.core import artifacts as atomic_io
 from m3jax.core import workspace
@@ -231,8 +231,8 @@ def mine_workdir(cfg: Any, workdir: str, *, split: str = "train", params_dir: st
   """Mines the neighbor table of a prepared workdir (after `m3jax build-index`)."""
 
   root = workspace.data_root(cfg, workdir)
-  tok = prepare.open_tokenizer(root)
-  refs = prepare.open_references(root)
+  tok = prepared.open_tokenizer(root)
+  refs = prepared.open_references(root)
   index_path = os.path.abspath(index_path or workspace.index_dir(cfg, workdir))
   if not os.path.isdir(index_path):
     raise index_lib.IndexDirError(f"index {index_path} not found: run `m3jax build-index` "
@@ -247,7 +247,7 @@ def mine_workdir(cfg: Any, workdir: str, *, split: str = "train", params_dir: st
     raise index_lib.IndexDirError(
         f"index {index_path} was built from other references or another tokenizer than "
         f"{root} has now; rerun `m3jax build-index --overwrite`")
-  packed = tfds_builders.open_split(prepare.dataset_path(root, "packed"), split)
+  packed = tfds_builders.open_split(prepared.dataset_path(root, "packed"), split)
   settings = MiningSettings.from_config(cfg, int(cfg.data.get("neighbor_shard_size", 1024)))
   index_manifest = os.path.join(index_path, index_lib.MANIFEST)
   inputs = dict(identity["inputs"],

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline import prepare
+from data_pipeline import prepared
 from m3jax.core import workspace
 from m3jax.core.progress import Progress
 from m3jax.retrieval import embedder_factory
@@ -38,9 +38,9 @@ def build_reference_index(cfg: Any, workdir: str, *, params_dir: str | None = No
   """
 
   root = workspace.data_root(cfg, workdir)
-  manifest = prepare.load_manifest(root)
-  refs = prepare.open_references(root)
-  tok = prepare.open_tokenizer(root)
+  manifest = prepared.load_manifest(root)
+  refs = prepared.open_references(root)
+  tok = prepared.open_tokenizer(root)
   out = os.path.abspath(out or workspace.index_dir(cfg, workdir))
   emb = embedder_factory.make_embedder(cfg, params_dir=params_dir, tokenizer=tok)
   settings = settings or IndexSettings()

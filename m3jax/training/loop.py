@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from data_pipeline import loader as loader_lib
-from data_pipeline import prepare
+from data_pipeline import prepared
 from m3jax.core import config as config_lib
 from m3jax.core import hardware
 from m3jax.core import metrics as metrics_lib
@@ -153,7 +153,7 @@ def memory_inputs(cfg, root: str, split: str) -> tuple[Any, Any] | None:
   path = workspace.neighbors_dir(root, split)
   if not os.path.exists(os.path.join(path, neighbor_table.MANIFEST)):
     return None
-  return neighbor_table.open_neighbor_table(cfg, root, split), prepare.open_references(root)
+  return neighbor_table.open_neighbor_table(cfg, root, split), prepared.open_references(root)
 
 
 def make_train_loader(ctx: RunContext, root: str):

@@ -16,6 +16,7 @@ from data_pipeline import corpus
 from data_pipeline import loader as loader_lib
 from data_pipeline import packing
 from data_pipeline import prepare
+from data_pipeline import prepared as prepared_lib
 from data_pipeline import tokenizer as tok_lib
 from m3jax.core import config as config_lib
 from m3jax.core import workspace
@@ -91,21 +92,21 @@ def test_heldout_choice_depends_only_on_index():
 
 def test_manifest_describes_every_dataset(prepared):
   m, root = prepared["manifest"], prepared["root"]
-  assert m["format"] == prepare.FORMAT
+  assert m["format"] == prepared_lib.FORMAT
   assert m["tokenizer"]["vocab_size"] == VOCAB and m["tokenizer"]["reference_prefix_ids"] == [2, 4]
-  assert prepare.open_tokenizer(root).hash == m["tokenizer"]["hash"]
+  assert prepared_lib.open_tokenizer(root).hash == m["tokenizer"]["hash"]
   assert set(m["datasets"]) == {"documents", "qa", "references", "packed"}
   assert m["datasets"]["qa"]["splits"]["eval"] == 2 * 30
   packed = m["datasets"]["packed"]
   assert packed["seq_len"] == 64 and packed["splits"]["validation"]["sequences"] > 0
-  store = prepare.open_references(root)
+  store = prepared_lib.open_references(root)
   assert len(store) == m["datasets"]["references"]["num_references"] >= 30
   assert max(store.tokens_by_ids(np.arange(len(store)))[1]) <= 24
 
 
 def test_packed_sequences_hold_every_training_document(prepared):
   root = prepared["root"]
-  tok = prepare.open_tokenizer(root)
+  tok = prepared_lib.open_tokenizer(root)
   n = 0
   for split in ("train", "validation"):
     src = loader_lib.packed_source(root, split)
@@ -340,7 +341,7 @@ def test_global_arrays_with_a_mesh(prepared):
 
 def test_reference_enrichment(prepared):
   src = loader_lib.packed_source(prepared["root"])
-  store = prepare.open_references(prepared["root"])
+  store = prepared_lib.open_references(prepared["root"])
   rng = np.random.default_rng(0)
   table = rng.integers(-1, len(store), size=(len(src), 4)).astype(np.int32)
   ld = loader_lib.Loader(src, global_batch_size=4, seed=0, neighbors=table, references=store)
@@ -388,7 +389,7 @@ _CHILD = textwrap.dedent("""
 
 @pytest.mark.multiprocess
 def test_two_processes_read_disjoint_rows_of_the_same_global_batches(prepared, tmp_path):
-  path = prepare.dataset_path(prepared["root"], "packed")
+  path = prepared_lib.dataset_path(prepared["root"], "packed")
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -425,7 +426,7 @@ def test_two_processes_read_disjoint_rows_of_the_same_global_batches(prepared, t
 
 def test_eval_questions_round_trip_from_the_qa_dataset(prepared):
   from data_pipeline import knowledge_world
-  qs = prepare.read_questions(prepared["root"], "eval")
+  qs = prepared_lib.read_questions(prepared["root"], "eval")
   world = knowledge_world.generate(prepared["cfg"].data.knowledge_world)
   assert qs == list(world.eval_questions)
   assert qs[0].prompt.startswith("Question: ") and qs[0].prompt.endswith("\nAnswer: " + qs[0].lead)

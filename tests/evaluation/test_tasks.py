@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from data_pipeline import prepare
+from data_pipeline import prepared
 from m3jax.core import workspace
 from m3jax.evaluation import tasks
 
@@ -57,7 +57,7 @@ def test_parse_tasks_flag():
 def test_heldout_sequences_drop_padding(tiny_prepared):
   cfg, workdir = tiny_prepared
   root = workspace.data_root(cfg, str(workdir))
-  pad = prepare.open_tokenizer(root).pad_id
+  pad = prepared.open_tokenizer(root).pad_id
   seqs = tasks.load_heldout_sequences(root)
   assert seqs and all(pad not in s.tolist() for s in seqs)
   # The split's last sequence is padded at the end: its text is kept, the padding is not.

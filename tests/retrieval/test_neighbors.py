@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from data_pipeline import prepare
+from data_pipeline import prepared
 from data_pipeline import tfds_builders
 from m3jax.core import workspace
 from m3jax.core.config import apply_override, model_config
@@ -218,7 +218,7 @@ def test_embedder_must_match_the_index(world, tmp_path):
 def test_workdir_index_and_mining_end_to_end(tiny_prepared, tmp_path):
   cfg, workdir = tiny_prepared
   root = workspace.data_root(cfg, str(workdir))
-  refs = prepare.open_references(root)
+  refs = prepared.open_references(root)
   idx_dir, out = str(tmp_path / "index"), str(tmp_path / "neighbors")
   index = reference_index.build_reference_index(cfg, str(workdir), out=idx_dir,
                                                 progress_every_s=None)
@@ -234,7 +234,7 @@ def test_workdir_index_and_mining_end_to_end(tiny_prepared, tmp_path):
   manifest = nb.mine_workdir(cfg, str(workdir), index_path=idx_dir, out=out,
                              progress_every_s=None)
   table = nt.open_neighbor_table(cfg, root, path=out)
-  packed = tfds_builders.open_split(prepare.dataset_path(root, "packed"), "train")
+  packed = tfds_builders.open_split(prepared.dataset_path(root, "packed"), "train")
   C = cfg.model.max_seq_len // cfg.model.chunk_length
   assert len(table) == len(packed) == manifest["n_sequences"]
   rows = table.rows(0, len(table))

@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 
 from data_pipeline import knowledge_world as kw
-from data_pipeline import prepare
+from data_pipeline import prepared
 from m3jax.core import workspace
 from m3jax.retrieval import reference_index
 
@@ -18,8 +18,8 @@ def test_questions_retrieve_their_person_and_answering_sentence(tiny_prepared, t
   reference_index.build_reference_index(cfg, str(tmp_path))
   root = workspace.data_root(cfg, str(tmp_path))
   index, embedder = reference_index.load_reference_index(workspace.index_dir(cfg, str(tmp_path)))
-  refs = prepare.open_references(root)
-  questions = prepare.read_questions(root, "eval")
+  refs = prepared.open_references(root)
+  questions = prepared.read_questions(root, "eval")
   assert len(questions) >= 100
   ids, _ = index.search_texts(embedder, [q.question for q in questions], 5)
   # Knowledge-base document n*e + j is sentence j of entity e (n sentences, entity order).
