@@ -6,6 +6,7 @@ from m3jax.bench import decode as bench_decode
 from m3jax.core.config import load_config
 
 
+@pytest.mark.slow
 def test_bench_decode_protocol_on_tiny(repo_root, tmp_path):
   cfg = load_config(str(repo_root / "configs" / "tiny.py"))
   lines = []

@@ -85,6 +85,7 @@ def _run_launcher(args, timeout=180):
                         text=True, timeout=timeout, cwd=local.__file__.rsplit("/launch/", 1)[0])
 
 
+@pytest.mark.multiprocess
 def test_two_processes_collectives_checkpoint_and_preemption(tmp_path):
   script = tmp_path / "job.py"
   script.write_text(_JOB)
@@ -108,6 +109,7 @@ def test_two_processes_collectives_checkpoint_and_preemption(tmp_path):
       "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
 
 
+@pytest.mark.slow
 def test_peer_that_never_arrives_gives_a_clear_error(tmp_path):
   script = "from m3jax.core import distributed; distributed.initialize(timeout_s=5)"
   coordinator_port = peer_port = local.free_port()

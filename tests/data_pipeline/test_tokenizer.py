@@ -123,6 +123,7 @@ def test_check_tokenizer_hash_names_the_artifact(trained):
   tok_lib.check_tokenizer_hash(tok.hash, tok, "memory bank /x/bank")
 
 
+@pytest.mark.slow
 def test_command_trains_from_files(tmp_path):
   corpus = tmp_path / "c.txt"
   corpus.write_text("\n\n".join(_texts()))
@@ -138,6 +139,7 @@ def test_command_trains_from_files(tmp_path):
   assert tok_lib.Tokenizer.load(str(out)).hash == meta["hash"]
 
 
+@pytest.mark.slow
 def test_command_names_missing_input(tmp_path):
   res = subprocess.run(
       [sys.executable, "-m", "m3jax.commands.tokenizer", f"--input={tmp_path}/absent.txt",

@@ -11,6 +11,9 @@ from m3jax.demo import pipeline as demo
 from m3jax.demo import report
 from m3jax.core.config import load_config
 
+# Every test here reads the one tiny demo run (a minute or more): all are end-to-end.
+pytestmark = pytest.mark.slow
+
 TINY_DEMO = (
     "data.knowledge_world.n_seen=8", "data.knowledge_world.n_memory_taught=8",
     "data.knowledge_world.n_unseen=6", "data.eval_fraction=0.2",

@@ -48,6 +48,7 @@ def test_find_subsequence():
   assert cov.find_subsequence([5], []) == -1
 
 
+@pytest.mark.slow
 def test_coverage_equals_the_models_kept_positions(setup):
   cfg, params, store = setup
   tokens, lengths = store.tokens_by_ids(np.arange(len(store)))

@@ -1,6 +1,7 @@
 """Running tasks in every memory mode from an opened checkpoint, and the results table."""
 
 import numpy as np
+import pytest
 
 from eval_fakes import RecordingRetriever, WordTokenizer
 from m3jax.evaluation import runner
@@ -8,6 +9,7 @@ from m3jax.evaluation import tasks
 from m3jax.inference.session import Inference
 
 
+@pytest.mark.slow
 def test_run_all_reports_every_mode_and_filter_effect(cfg, params, source, store):
   tok = WordTokenizer()
 

@@ -90,6 +90,7 @@ def _check_against_direct_forwards(cfg, params, tok, reqs, got):
     assert g.logprob == pytest.approx(_direct_logprob(cfg, params, seq, len(ctx)), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_loglikelihood_matches_a_direct_forward_without_memory(cfg, params):
   tok = WordTokenizer()
   scorer = scoring.Scorer(cfg, params, tok, "none", batch_size=4)
@@ -98,6 +99,7 @@ def test_loglikelihood_matches_a_direct_forward_without_memory(cfg, params):
   _check_against_direct_forwards(cfg, params, tok, reqs, scorer.loglikelihood(reqs))
 
 
+@pytest.mark.slow
 def test_choices_sharing_a_context_score_as_separate_forwards(cfg, params):
   # none / rag encode a context once and feed its choices with decode steps.
   tok = WordTokenizer()
@@ -108,6 +110,7 @@ def test_choices_sharing_a_context_score_as_separate_forwards(cfg, params):
   _check_against_direct_forwards(cfg, params, tok, reqs, scorer.loglikelihood(reqs))
 
 
+@pytest.mark.slow
 def test_explicit_scoring_retrieves_like_a_prompt_and_matches_a_direct_forward(
     cfg, params, source):
   tok = WordTokenizer()
@@ -134,6 +137,7 @@ def test_explicit_scoring_retrieves_like_a_prompt_and_matches_a_direct_forward(
   assert got.logprob != pytest.approx(_direct_logprob(cfg, params, seq, 20), abs=1e-3)
 
 
+@pytest.mark.slow
 def test_rag_scoring_prepends_references_retrieved_once_per_question(cfg, params, store):
   tok = WordTokenizer()
   retriever = RecordingRetriever(2)

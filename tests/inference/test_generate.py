@@ -153,6 +153,7 @@ def _prompts(cfg):
   return [[cfg.bos_id] + rng.integers(5, cfg.vocab_size, n - 1).tolist() for n in (16, 20, 7)]
 
 
+@pytest.mark.slow
 def test_explicit_memory_generation_matches_slow_reference_and_schedule(cfg, params, source,
                                                                         generator):
   prompts, max_new, L = _prompts(cfg), 30, cfg.chunk_length
@@ -182,6 +183,7 @@ def test_explicit_memory_generation_matches_slow_reference_and_schedule(cfg, par
                                for p, n in zip(prompts, n_in)) == 9
 
 
+@pytest.mark.slow
 def test_memories_change_the_generation_and_prefix_only_matches_reference(cfg, params, source,
                                                                           generator):
   """Guards the comparison above: with random memories, outputs differ from no memory."""
@@ -194,6 +196,7 @@ def test_memories_change_the_generation_and_prefix_only_matches_reference(cfg, p
       slow_greedy(cfg, params, source, p, 30, memory=False, with_prefix=True) for p in prompts]
 
 
+@pytest.mark.slow
 def test_no_memory_generation_matches_slow_reference(cfg, params, source, generator):
   prompts = _prompts(cfg)
   out = generator.generate(prompts, max_new_tokens=12, stop_at_eos=False)
@@ -221,6 +224,7 @@ def chain_params(cfg, params, chain):
   return jax.tree_util.tree_map(jnp.asarray, p)
 
 
+@pytest.mark.slow
 def test_stops_each_row_at_its_eos_and_pads_after(cfg, params):
   p = chain_params(cfg, params, {10: 11, 11: 12, 12: cfg.eos_id})
   # Three rows padded to 32 tokens, 12 new: the shapes of the other no-memory tests.

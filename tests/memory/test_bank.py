@@ -213,6 +213,7 @@ def test_cold_start_stores_exactly_what_warm_start_would_have(setup, warm_dir, t
   assert _tree_bytes(root) == _tree_bytes(warm_dir)
 
 
+@pytest.mark.slow
 def test_encode_on_the_fly_matches_the_model(setup):
   mc, params, store = setup["mc"], setup["params"], setup["store"]
   src = EncodeOnTheFly(Transformer(mc), params, store)

@@ -107,6 +107,7 @@ def _env(setup, tmp_path, **extra):
 # ------------------------------------------------------------------ correctness
 
 
+@pytest.mark.slow
 def test_stored_memories_equal_the_models_encoding_in_bfloat16(setup, reference_bank):
   mc, params, store = setup["mc"], setup["params"], setup["store"]
   ids = np.arange(N_REFS)
@@ -178,6 +179,7 @@ def test_resume_with_other_settings_is_refused(setup, reference_bank, tmp_path):
 # ------------------------------------------------------------------ resumability
 
 
+@pytest.mark.slow
 def test_job_killed_midway_and_rerun_gives_identical_bytes(setup, reference_bank, tmp_path):
   root = str(tmp_path / "killed")
   script = tmp_path / "driver.py"
@@ -232,6 +234,7 @@ def test_independent_processes_share_shards_and_the_last_writes_the_manifest(
   assert _tree_bytes(root) == _tree_bytes(reference_bank)
 
 
+@pytest.mark.multiprocess
 def test_two_jax_processes_encode_every_reference_exactly_once(setup, reference_bank,
                                                                tmp_path):
   sys.path.insert(0, setup["repo"])
@@ -338,6 +341,7 @@ def _write_reference_dataset(store, path):
                                                pad_id=0))
 
 
+@pytest.mark.slow
 def test_command_resumes_a_bank_and_refuses_a_mismatched_checkpoint(setup, reference_bank,
                                                                     tmp_path):
   from data_pipeline.references import ReferenceStore

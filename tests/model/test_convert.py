@@ -61,6 +61,7 @@ def _m3_logits(model, params, tokens):
   return np.asarray(model.apply({"params": params}, jnp.asarray(tokens, jnp.int32)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(HF_CONFIGS))
 def test_import_matches_transformers_logits(tmp_path, name):
   hf = _hf_model(**HF_CONFIGS[name])
@@ -70,6 +71,7 @@ def test_import_matches_transformers_logits(tmp_path, name):
   assert diff <= 1e-4
 
 
+@pytest.mark.slow
 def test_imported_config_fields(tmp_path):
   hf = _hf_model(**HF_CONFIGS["mqa_tied_head24"])
   cfg, params = convert.load_hf(_save(hf, tmp_path / "hf"), reference_prefix_ids=PREFIX)
@@ -94,6 +96,7 @@ def test_param_tree_matches_model_init(tmp_path):
     assert flat == hf_weights.expected_param_shapes(m)
 
 
+@pytest.mark.slow
 def test_export_loads_in_transformers(tmp_path, tiny_config):
   from m3jax.model.transformer import Transformer
   m = config_lib.model_config(tiny_config)
@@ -255,6 +258,7 @@ def _cli(repo_root, *args):
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
+@pytest.mark.slow
 def test_convert_command_round_trip(tmp_path, repo_root):
   hf = _hf_model(**HF_CONFIGS["mqa_tied_head24"])
   src = _save(hf, tmp_path / "hf")

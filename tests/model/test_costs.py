@@ -161,6 +161,7 @@ def test_forward_and_warmup_flops_match_compiled_model(tiny_model):
   assert train == pytest.approx(expected, rel=0.06)
 
 
+@pytest.mark.slow
 def test_continual_flops_match_compiled_model(tiny_model):
   m, model, params = tiny_model
   B, T, d = 2, m.max_seq_len, m.n_heads * m.head_dim

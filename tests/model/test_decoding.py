@@ -69,6 +69,7 @@ def test_decode_matches_full_forward_without_memory(setup):
     np.testing.assert_allclose(got[i, :n + 16], want[i, :n + 16], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_decode_matches_full_forward_with_memories(setup):
   cfg, params = setup
   rng = np.random.default_rng(1)

@@ -83,6 +83,7 @@ def _hf_logits(model, tokens, position_ids=None):
     return model(torch.tensor(np.asarray(tokens)), **kwargs).logits.numpy()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_logits_match_hf_llama_without_memory(cfg, tied):
   cfg = dataclasses.replace(cfg, tie_embeddings=tied)
@@ -207,6 +208,7 @@ def test_memories_from_references_masks_empty_slots_and_missing_references(cfg):
   assert not mask[:, :, 2:].any()
 
 
+@pytest.mark.slow
 def test_gradient_through_memories_and_reference_encoding_is_finite(cfg):
   model = Transformer(cfg)
   c = 2
@@ -227,6 +229,7 @@ def test_gradient_through_memories_and_reference_encoding_is_finite(cfg):
   assert all(float(jnp.abs(g).max()) > 0 for g in leaves)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", [False, True], ids=["through", "stopped"])
 def test_stop_gradient_cuts_reference_encoding_from_the_graph(cfg, stop):
   model = Transformer(cfg)
@@ -242,6 +245,7 @@ def test_stop_gradient_cuts_reference_encoding_from_the_graph(cfg, stop):
   assert (norm == 0) == stop
 
 
+@pytest.mark.slow
 def test_remat_policies_give_the_same_gradient(cfg):
   params = _params(cfg)
   tokens = _tokens(cfg, 8, (1, 16))

@@ -42,6 +42,7 @@ def sharded(repo_root):
   return mc, mesh, rules, params
 
 
+@pytest.mark.slow
 def test_large_params_are_sharded_on_the_mesh(sharded):
   mc, mesh, rules, params = sharded
   assert params["embed"]["embedding"].sharding.spec == P("tensor", "fsdp")
@@ -67,6 +68,7 @@ def test_fully_replicated_params_fail_the_check(sharded):
   assert sharding.check_sharded(single).unsharded_fraction == 1.0  # reported, not an error
 
 
+@pytest.mark.slow
 def test_sharded_forward_with_references_matches_single_device(sharded):
   mc, mesh, rules, params = sharded
   rng = np.random.default_rng(0)

@@ -125,6 +125,7 @@ def encode_setup(repo_root):
   return cfg, params, refs, lengths, np.asarray(mem), np.asarray(pos)
 
 
+@pytest.mark.slow
 def test_encode_references_selects_numpy_top_k(encode_setup):
   cfg, params, refs, lengths, mem, pos = encode_setup
   p, k = cfg.prefix_length, cfg.memory_tokens_per_head

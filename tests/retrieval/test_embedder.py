@@ -41,6 +41,7 @@ def test_lexical_vectors_are_normalised_and_sized():
   assert e.dim == 96
 
 
+@pytest.mark.slow
 def test_lexical_is_deterministic_across_processes(tmp_path):
   # Python's str hash is salted per process; the embedder must not depend on it.
   code = ("import numpy as np, sys; from m3jax.retrieval.lexical_embedder import LexicalEmbedder; "

@@ -53,6 +53,7 @@ def reference_run(tiny_prepared, tmp_path_factory):
   return wd
 
 
+@pytest.mark.slow
 def test_metrics_and_checkpoints_written(reference_run):
   losses = _losses(reference_run)
   assert sorted(losses) == list(range(1, STEPS + 1))
@@ -64,6 +65,7 @@ def test_metrics_and_checkpoints_written(reference_run):
                 if d.isdigit()) == [3, 6, 8]
 
 
+@pytest.mark.slow
 def test_sigkill_and_restart_continue_bitwise(tiny_prepared, tmp_path, reference_run):
   wd = _workdir(tiny_prepared, tmp_path, "killed")
   proc = subprocess.Popen(_train_cmd(wd), env=_env(8), cwd=REPO, stdout=subprocess.DEVNULL,
@@ -83,6 +85,7 @@ def test_sigkill_and_restart_continue_bitwise(tiny_prepared, tmp_path, reference
     assert got[step] == ref[step], (step, got[step], ref[step])
 
 
+@pytest.mark.multiprocess
 def test_two_processes_match_one(tiny_prepared, tmp_path, reference_run):
   wd = _workdir(tiny_prepared, tmp_path, "multihost")
   cmd = [sys.executable, "-m", "launch.local", "--num_processes=2", "--devices_per_process=4",
@@ -95,6 +98,7 @@ def test_two_processes_match_one(tiny_prepared, tmp_path, reference_run):
                              rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_continual_stage_from_warmup_reads_memory(tiny_prepared, tmp_path, reference_run):
   from m3jax.retrieval import neighbors as neighbors_lib
   from m3jax.retrieval import reference_index
@@ -121,6 +125,7 @@ def test_continual_stage_from_warmup_reads_memory(tiny_prepared, tmp_path, refer
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_continual_without_neighbor_table_is_refused(tiny_prepared, tmp_path, reference_run):
   from m3jax.training import loop as train_lib
   cfg, _ = tiny_prepared

@@ -50,6 +50,7 @@ def setup(tiny_config):
   return mc, params, t, optim.make_optimizer(t)
 
 
+@pytest.mark.slow
 def test_targets_shift_and_pad_mask(setup):
   mc = setup[0]
   batch = {"tokens": jnp.array([[5, 6, 7, 0]]), "next_token": jnp.array([0])}
@@ -58,6 +59,7 @@ def test_targets_shift_and_pad_mask(setup):
   np.testing.assert_array_equal(mask, [[1, 1, 0, 0]])
 
 
+@pytest.mark.slow
 def test_loss_ignores_padding_targets(setup):
   mc, params = setup[:2]
   step = ts.make_eval_step(mc, use_memory=False)
@@ -72,6 +74,7 @@ def test_loss_ignores_padding_targets(setup):
   np.testing.assert_allclose(out["loss_sum"], manual[:, :39].sum(), rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_memory", [False, True])
 def test_grad_accumulation_matches_full_batch(setup, use_memory):
   mc, params, _, tx = setup
@@ -86,6 +89,7 @@ def test_grad_accumulation_matches_full_batch(setup, use_memory):
     np.testing.assert_allclose(a, b, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_memory_changes_loss_and_reports_statistics(setup):
   mc, params, _, tx = setup
   batch = _batch(mc, b=4, with_refs=True)
@@ -98,6 +102,7 @@ def test_memory_changes_loss_and_reports_statistics(setup):
   assert 0.0 < float(with_mem["memory_attention_mass"]) < 1.0
 
 
+@pytest.mark.slow
 def test_gradient_through_references_is_optional(setup):
   mc, params = setup[:2]
   model = model_lib.Transformer(mc)
@@ -115,6 +120,7 @@ def test_gradient_through_references_is_optional(setup):
   assert float(ref_grad(False)) != pytest.approx(float(ref_grad(True)), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_step_is_deterministic(setup):
   mc, params, _, tx = setup
   batch = _batch(mc, b=4, with_refs=True)
