@@ -14,13 +14,13 @@ FileNotFoundError / FileExistsError) naming the file, field or tensor.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Mapping, Sequence
 
 import ml_collections
-from safetensors.numpy import save_file
+from safetensors import numpy as safetensors_numpy
 
+from m3jax.core import artifacts
 from m3jax.core import config as config_lib
 from m3jax.core.config import ModelConfig
 from m3jax.model.hf_config import (  # ConversionError: the error type of this API
@@ -80,13 +80,9 @@ def to_hf(params: Mapping[str, Any], cfg: ml_collections.ConfigDict | ModelConfi
       raise FileExistsError(f"{target} already exists; refusing to overwrite")
   tensors = hf_tensors_from_params(params, m)
   os.makedirs(out_dir, exist_ok=True)
-  weights = os.path.join(out_dir, HF_WEIGHTS)
-  save_file(tensors, weights + ".tmp", metadata={"format": "pt"})
-  os.replace(weights + ".tmp", weights)
-  config_path = os.path.join(out_dir, HF_CONFIG)
-  with open(config_path + ".tmp", "w") as f:
-    json.dump(hf_config_from_model(m), f, indent=2, sort_keys=True)
-  os.replace(config_path + ".tmp", config_path)
+  artifacts.write_bytes(os.path.join(out_dir, HF_WEIGHTS),
+                        safetensors_numpy.save(tensors, metadata={"format": "pt"}))
+  artifacts.write_json(os.path.join(out_dir, HF_CONFIG), hf_config_from_model(m))
 
 
 def model_config_summary(m: ModelConfig) -> str:
