@@ -116,7 +116,6 @@ def logical_shardings(boxed_tree: Any, mesh: jax.sharding.Mesh, rules: Rules) ->
 
 def abstract_params(config: ModelConfig) -> Any:
   """Boxed abstract parameter tree (ShapeDtypeStructs in nn.Partitioned), no allocation."""
-  from m3jax.model.transformer import Transformer  # model imports nothing from here
   tokens = jax.ShapeDtypeStruct((1, config.chunk_length), jnp.int32)
   return jax.eval_shape(lambda r, t: Transformer(config).init(r, t)["params"],
                         jax.random.key(0), tokens)
