@@ -27,8 +27,8 @@ from tensorboardX import SummaryWriter
 from tensorboardX.crc32c import crc32c
 from tensorboardX.proto import event_pb2
 
-TENSORBOARD_DIR = "tensorboard"
-JSONL_FILE = "metrics.jsonl"
+from m3jax.core.workspace import METRICS_FILE as JSONL_FILE
+from m3jax.core.workspace import TENSORBOARD_DIR
 
 
 def _scalar(name: str, value: Any) -> int | float:

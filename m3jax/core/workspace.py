@@ -50,14 +50,6 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(_abspath(workdir), CHECKPOINTS_DIR)
 
 
-def metrics_file(workdir: str) -> str:
-  return os.path.join(_abspath(workdir), METRICS_FILE)
-
-
-def tensorboard_dir(workdir: str) -> str:
-  return os.path.join(_abspath(workdir), TENSORBOARD_DIR)
-
-
 def bank_dir(workdir: str) -> str:
   """`<workdir>/bank`: the memory bank encode-memory writes and eval/generate read."""
   return os.path.join(_abspath(workdir), BANK_DIR)
