@@ -15,6 +15,7 @@ from typing import Any, Iterator
 from data_pipeline import corpus as corpus_lib
 from data_pipeline import knowledge_world as kw_lib
 from data_pipeline import tfds_builders
+from m3jax.core import artifacts
 
 
 class _FileShard:
@@ -140,5 +141,7 @@ def doc_spec(root: str, sources: dict[str, Any], docs: dict[str, Any], split: st
   if src["kind"] == "tfds":
     return dict(name=src["name"], split=src["split"], data_dir=src["data_dir"],
                 text_field=src["text_field"])
-  path = os.path.join(root, "documents", docs["info"]["documents"]["path"])
+  stage_dir = os.path.join(root, "documents")
+  path = artifacts.confined_path(stage_dir, docs["info"]["documents"].get("path"),
+                                 f"{stage_dir}/stage.json info.documents.path")
   return dict(path=path, split=split, text_field="text")
