@@ -10,6 +10,11 @@ A tokenizer is saved as `PATH.model` (the SentencePiece proto) plus `PATH.json`
 (its sha256 `hash`, vocab size and special ids). The hash identifies the tokenizer
 everywhere downstream: datasets, neighbor tables and memory banks record it, and
 `check_tokenizer_hash` refuses artifacts made with another tokenizer.
+
+Long documents cost time linear in their length: the training splitter walks each text
+once, and `encode_batch` encodes a document of more than `LONG_TEXT_CHARS` characters in
+pieces cut before spaces, on all cores, with a progress line, giving exactly the ids of
+encoding it whole (see `_cut_before_spaces`).
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 
 from m3jax.core import artifacts as atomic_io
+from m3jax.core.progress import Progress
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 REFERENCE_SYMBOL = "Reference:"
@@ -35,10 +42,20 @@ _MAX_SENTENCE_BYTES = 8192
 # Fixed so that the trained model (its stored trainer spec included) and therefore its
 # hash does not depend on the machine's core count.
 _TRAIN_THREADS = 16
+# Documents longer than this many characters are encoded in pieces of about
+# _PIECE_CHARS characters (on all cores, with a progress line every _PROGRESS_EVERY_S).
+LONG_TEXT_CHARS = 1 << 20
+_PIECE_CHARS = 1 << 17
+_PROGRESS_EVERY_S = 10.0
 
 
 class TokenizerMismatchError(ValueError):
   """A tokenizer does not match a model config or an artifact built with another one."""
+
+
+def _utf8_len(text: str) -> int:
+  """Bytes of `text` in UTF-8 (the splitter's only encoder; tests count what it reads)."""
+  return len(text.encode("utf-8"))
 
 
 def _split_for_training(text: str) -> Iterator[str]:
@@ -47,18 +64,61 @@ def _split_for_training(text: str) -> Iterator[str]:
   Whole documents (not lines) are the training sentences, so a word at the start of
   a line is learnt as it is encoded later (after "\n", without the "▁" that
   SentencePiece puts before a sentence's first word). Long documents are cut at
-  the last newline, else space, before the limit.
+  the last newline, else space, within the next `_MAX_SENTENCE_BYTES // 4`
+  characters (at most the limit in bytes, whatever the characters) while the rest
+  is over the limit. Linear: every character is measured twice, once for the whole
+  text and once in its piece.
   """
   if not text.strip():
     return
-  while len(text.encode("utf-8")) > _MAX_SENTENCE_BYTES:
-    window = text[:_MAX_SENTENCE_BYTES // 4]  # <= limit bytes whatever the characters
-    cut = window.rfind("\n") + 1 or window.rfind(" ") + 1 or len(window)
-    if text[:cut].strip():
-      yield text[:cut]
-    text = text[cut:]
-  if text.strip():
-    yield text
+  window, pos, left = _MAX_SENTENCE_BYTES // 4, 0, _utf8_len(text)
+  while left > _MAX_SENTENCE_BYTES:  # the rest is > window characters: a full window
+    end = pos + window
+    cut = text.rfind("\n", pos, end) + 1 or text.rfind(" ", pos, end) + 1 or end
+    piece = text[pos:cut]
+    if piece.strip():
+      yield piece
+    left -= _utf8_len(piece)
+    pos = cut
+  rest = text[pos:]
+  if rest.strip():
+    yield rest
+
+
+def _cut_before_spaces(text: str, piece_chars: int) -> list[str]:
+  """`text` as non-empty pieces of about `piece_chars` characters, each cut at a space
+  that is dropped: `text == " ".join(pieces)`.
+
+  For a tokenizer that `_encodes_in_pieces`, encode(a + " " + b) == encode(a) + encode(b)
+  whenever a and b are non-empty: every "▁" starts a new word, so no piece spans the
+  cut, and the "▁" that encode puts before b's first word stands for the dropped space.
+  A text without spaces stays whole. Linear in len(text).
+  """
+  pieces, pos, n = [], 0, len(text)
+  while n - pos > piece_chars:
+    cut = text.rfind(" ", pos + 1, pos + piece_chars)
+    if cut < 0:
+      cut = text.find(" ", pos + piece_chars)
+    if cut < 0 or cut >= n - 1:
+      break
+    pieces.append(text[pos:cut])
+    pos = cut + 1
+  pieces.append(text[pos:])
+  return pieces
+
+
+def _encodes_in_pieces(model_proto: bytes) -> bool:
+  """Whether the model keeps the text as is and starts a word at every space, so that
+  `_cut_before_spaces` pieces encode to the ids of the whole text (true for every
+  tokenizer m3jax trains; a given one with other settings is encoded whole)."""
+  m = sentencepiece_model_pb2.ModelProto()
+  m.ParseFromString(model_proto)
+  n, t = m.normalizer_spec, m.trainer_spec
+  spaced = any(p.type == p.USER_DEFINED and (" " in p.piece or "\u2581" in p.piece)
+               for p in m.pieces)
+  return (n.name == "identity" and n.add_dummy_prefix and not n.remove_extra_whitespaces
+          and t.split_by_whitespace and not t.treat_whitespace_as_suffix
+          and not t.allow_whitespace_only_pieces and not spaced)
 
 
 def train_tokenizer(texts: Iterable[str], out: str, *, vocab_size: int,
@@ -145,6 +205,7 @@ class Tokenizer:
     ref = int(self._sp.piece_to_id(REFERENCE_SYMBOL))
     self.reference_id = ref if ref != self.unk_id else -1
     self.reference_prefix_ids = (self.bos_id, self.reference_id)
+    self._in_pieces = _encodes_in_pieces(self._proto)
 
   @classmethod
   def load(cls, path: str) -> "Tokenizer":
@@ -180,15 +241,51 @@ class Tokenizer:
                 reference_prefix_ids=list(self.reference_prefix_ids))
 
   def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+    if len(text) > LONG_TEXT_CHARS:
+      return self.encode_batch([text], add_bos=add_bos, add_eos=add_eos)[0]
     return self._sp.encode(text, add_bos=add_bos, add_eos=add_eos)
 
   def encode_batch(self, texts: Sequence[str], *, add_bos: bool = False,
                    add_eos: bool = False, num_threads: int = -1) -> list[list[int]]:
-    """Encodes many texts at once (SentencePiece's C++ thread pool; -1 = all cores)."""
+    """Encodes many texts at once (SentencePiece's C++ thread pool; -1 = all cores).
+
+    A text of more than `LONG_TEXT_CHARS` characters is encoded in pieces with a
+    progress line (`_encode_long`); the ids are those of encoding it whole.
+    """
     if not texts:
       return []
-    return self._sp.encode(list(texts), add_bos=add_bos, add_eos=add_eos,
-                           num_threads=num_threads)
+    texts = list(texts)
+    long = [i for i, t in enumerate(texts) if len(t) > LONG_TEXT_CHARS] \
+        if self._in_pieces else []
+    if not long:
+      return self._sp.encode(texts, add_bos=add_bos, add_eos=add_eos,
+                             num_threads=num_threads)
+    whole = set(range(len(texts))) - set(long)
+    out = self._sp.encode([t for i, t in enumerate(texts) if i in whole],
+                          add_bos=add_bos, add_eos=add_eos, num_threads=num_threads)
+    for i in long:
+      out.insert(i, self._encode_long(texts[i], add_bos, add_eos, num_threads))
+    return out
+
+  def _encode_long(self, text: str, add_bos: bool, add_eos: bool,
+                   num_threads: int) -> list[int]:
+    """One long text, cut before spaces and encoded a group of pieces at a time."""
+    pieces = _cut_before_spaces(text, _PIECE_CHARS)
+    prog = Progress(len(text), desc=f"tokenizing a {len(text):,}-character document",
+                    unit="chars", every_s=_PROGRESS_EVERY_S)
+    ids = [self.bos_id] if add_bos else []
+    group, shown = 4 * (os.cpu_count() or 1), False
+    for lo in range(0, len(pieces), group):
+      batch = pieces[lo:lo + group]
+      for piece_ids in self._sp.encode(batch, num_threads=num_threads):
+        ids.extend(piece_ids)
+      shown |= prog.update(sum(len(p) + 1 for p in batch)) is not None
+    if shown:
+      prog.set(len(text))
+      prog.close()
+    if add_eos:
+      ids.append(self.eos_id)
+    return ids
 
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
     ids = [int(i) for i in ids if int(i) != self.pad_id]
