@@ -65,6 +65,8 @@ def validate_data_config(cfg: Any) -> None:
     raise _config_error("data.files", "data.corpus='files' needs a list of files or patterns")
   if d.corpus == "tfds" and not d.tfds_name:
     raise _config_error("data.tfds_name", "data.corpus='tfds' needs a dataset name")
+  if d.get("bad_records", "error") not in documents_lib.BAD_RECORDS:
+    raise _config_error("data.bad_records", f"must be one of {documents_lib.BAD_RECORDS}")
   if d.txt_docs not in corpus_lib.TXT_DOCS:
     raise _config_error("data.txt_docs", f"must be one of {corpus_lib.TXT_DOCS}")
   if d.tokenizer_model_type not in tok_lib.MODEL_TYPES:
@@ -227,7 +229,7 @@ def _prepare(cfg: Any, mc: Any, root: str) -> dict[str, Any]:
     tok_lib.check_compatible(tok_lib.Tokenizer.load(d.tokenizer), mc)
   sources = documents_lib.sources(cfg)
   docs = run_stage(root, "documents", sources,
-                   lambda tmp: documents_lib.build_documents(cfg, sources, tmp))
+                   lambda tmp: documents_lib.build_documents(cfg, sources, tmp, log=_say))
   train_spec = documents_lib.doc_spec(root, sources, docs, "train")
   kb_spec = documents_lib.doc_spec(root, sources, docs, "kb")
 

@@ -204,6 +204,35 @@ def test_files_corpus_with_separate_knowledge_base(repo_root, tmp_path):
   assert m["corpus"]["train"]["files"] == [[str(train), train.stat().st_size]]
 
 
+def test_bad_records_skip_counts_prints_and_records_them(repo_root, tmp_path, capsys):
+  from data_pipeline import documents
+  from data_pipeline import knowledge_world
+  world = knowledge_world.generate(dict(n_seen=15, n_memory_taught=0, n_unseen=5))
+  train = tmp_path / "train.txt"
+  train.write_bytes("\n\n".join(d.text for d in world.train_documents).encode()
+                    + b"\n\nbad \xff document\n")
+  kb = tmp_path / "kb.jsonl"
+  n_bad = documents.SHOWN_BAD_RECORDS + 5
+  kb.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in world.kb_documents)
+                + '{"text": 1}\n' * n_bad)
+  args = ["data.corpus=files", f"data.files=['{train}']", f"data.kb_files=['{kb}']"]
+  with pytest.raises(corpus.CorpusError, match="train.txt: invalid UTF-8 at byte offset"):
+    prepare.prepare_data(_cfg(repo_root, *args), str(tmp_path / "w0"))  # default: error
+  m = prepare.prepare_data(_cfg(repo_root, *args, "data.bad_records=skip"), str(tmp_path / "w"))
+  docs = m["datasets"]["documents"]
+  assert docs["splits"] == {"train": len(world.train_documents), "kb": len(world.kb_documents)}
+  bad = docs["bad_records"]
+  assert bad["train"][str(train)]["count"] == 1 and bad["kb"][str(kb)]["count"] == n_bad
+  first = bad["kb"][str(kb)]["records"][0]
+  assert first == dict(line=len(world.kb_documents) + 1, offset=first["offset"],
+                       reason="field 'text' is int, not a string")
+  out = capsys.readouterr().out
+  assert out.count(f"skipping bad record: {kb}: line") == documents.SHOWN_BAD_RECORDS
+  assert f"skipped {n_bad} bad record(s) in {kb}" in out and "more bad records" in out
+  with pytest.raises(ConfigError, match="data.bad_records"):
+    prepare.prepare_data(_cfg(repo_root, *args, "data.bad_records=drop"), str(tmp_path / "w2"))
+
+
 def test_tfds_corpus_is_read_in_place(prepared, repo_root, tmp_path):
   """A text dataset prepared elsewhere (here: the fixture's documents) by name + data_dir."""
   given = os.path.join(prepared["root"], "tokenizer.model")
