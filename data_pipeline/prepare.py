@@ -163,6 +163,13 @@ def _tokenizer_stage(cfg: Any, root: str, specs: list[dict[str, Any]],
   return tok_lib.Tokenizer.load(model), settings
 
 
+def _describe_train(source: dict[str, Any], spec: dict[str, Any]) -> str:
+  """The user's name for the training text: data.files, else the TFDS source."""
+  if source.get("kind") == "files":
+    return "data.files (" + ", ".join(f for f, _ in source["files"]) + ")"
+  return references_lib.describe_spec(spec)
+
+
 def _unique(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
   out = []
   for s in specs:
@@ -232,6 +239,10 @@ def _prepare(cfg: Any, mc: Any, root: str) -> dict[str, Any]:
                    lambda tmp: documents_lib.build_documents(cfg, sources, tmp, log=_say))
   train_spec = documents_lib.doc_spec(root, sources, docs, "train")
   kb_spec = documents_lib.doc_spec(root, sources, docs, "kb")
+  packing.check_splittable(  # before the tokenizer and references: fail in seconds
+      len(references_lib.open_documents(train_spec)), eval_fraction=d.eval_fraction,
+      eval_max_docs=d.eval_max_docs, eval_seed=d.eval_seed,
+      what=_describe_train(sources["train"], train_spec))
 
   tok, tok_settings = _tokenizer_stage(cfg, root, [train_spec, kb_spec],
                                        docs["settings_hash"])

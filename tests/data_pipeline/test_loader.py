@@ -265,6 +265,22 @@ def test_empty_files_corpus_names_the_file(repo_root, tmp_path):
   assert not [d for d in os.listdir(tmp_path / "w" / "data") if d.startswith(".tmp")]
 
 
+def test_one_document_corpus_says_it_is_too_small_to_split(repo_root, tmp_path):
+  from data_pipeline import knowledge_world
+  world = knowledge_world.generate(dict(n_seen=15, n_memory_taught=0, n_unseen=5))
+  one = tmp_path / "one.txt"
+  one.write_text("\n".join(d.text for d in world.train_documents) + "\n")  # no blank line
+  args = ["data.corpus=files", f"data.files=['{one}']"]
+  with pytest.raises(corpus.CorpusError, match=r"data.files \(.*one.txt\) is too small to "
+                     r"split: all 1 of its document\(s\) go to the validation split.*"
+                     r"--config.data.eval_fraction=0 --config.train.eval_every=0"):
+    prepare.prepare_data(_cfg(repo_root, *args), str(tmp_path / "w"))
+  assert sorted(os.listdir(tmp_path / "w" / "data")) == [".prepare.lock", "documents"]
+  m = prepare.prepare_data(_cfg(repo_root, *args, "data.eval_fraction=0"), str(tmp_path / "w2"))
+  assert m["datasets"]["packed"]["splits"]["train"]["documents"] == 1
+  assert m["datasets"]["packed"]["splits"]["validation"]["documents"] == 0
+
+
 def test_missing_files_corpus_names_the_file(repo_root, tmp_path):
   cfg = _cfg(repo_root, "data.corpus=files", f"data.files=['{tmp_path}/missing.jsonl']")
   with pytest.raises(corpus.CorpusError, match="missing.jsonl does not exist"):
