@@ -233,6 +233,24 @@ def test_bad_records_skip_counts_prints_and_records_them(repo_root, tmp_path, ca
     prepare.prepare_data(_cfg(repo_root, *args, "data.bad_records=drop"), str(tmp_path / "w2"))
 
 
+def test_prepare_data_prints_no_download_lines_and_leaves_no_temporary_directories(
+    repo_root, tmp_path, monkeypatch, capsys):
+  import tempfile
+  from data_pipeline import knowledge_world
+  world = knowledge_world.generate(dict(n_seen=15, n_memory_taught=0, n_unseen=5))
+  train = tmp_path / "train.txt"
+  train.write_text("\n\n".join(d.text for d in world.train_documents))
+  temp = tmp_path / "temp"
+  temp.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(temp))  # TFDS used to leave tmp*tfds here
+  prepare.prepare_data(_cfg(repo_root, "data.corpus=files", f"data.files=['{train}']"),
+                       str(tmp_path / "w"))
+  assert os.listdir(temp) == []
+  out = capsys.readouterr().out
+  assert "prepare-data: " in out
+  assert "Downloading and preparing" not in out and "downloaded and prepared" not in out
+
+
 def test_tfds_corpus_is_read_in_place(prepared, repo_root, tmp_path):
   """A text dataset prepared elsewhere (here: the fixture's documents) by name + data_dir."""
   given = os.path.join(prepared["root"], "tokenizer.model")
