@@ -156,15 +156,27 @@ def memory_inputs(cfg, root: str, split: str) -> tuple[Any, Any] | None:
   return neighbor_table.open_neighbor_table(cfg, root, split), prepared.open_references(root)
 
 
+def missing_neighbors_message(cfg, root: str) -> str:
+  """Why memory training cannot start without a neighbor table, and what to run."""
+  if cfg.train.stage == "continual":
+    why = "train.stage='continual' trains with memory"
+    instead = ""
+  else:
+    why = f"train.use_memory=True in train.stage={cfg.train.stage!r} trains with memory"
+    instead = "; or drop train.use_memory=True to train without memory"
+  todo = "`m3jax mine-neighbors` with the same --config and --workdir"
+  if not os.path.isdir(workspace.index_dir_of_root(root)):
+    todo = "`m3jax build-index`, then " + todo
+  return (f"{workspace.neighbors_dir(root, 'train')}: no neighbor table, but {why}: run "
+          f"{todo} first{instead}")
+
+
 def make_train_loader(ctx: RunContext, root: str):
   neighbors = references = None
   if ctx.use_memory:
     inputs = memory_inputs(ctx.cfg, root, "train")
     if inputs is None:
-      raise FileNotFoundError(
-          f"{workspace.neighbors_dir(root, 'train')}: no neighbor table; training with memory "
-          f"(train.stage={ctx.cfg.train.stage!r}, train.use_memory={ctx.cfg.train.use_memory}) "
-          "needs `m3jax mine-neighbors` first")
+      raise FileNotFoundError(missing_neighbors_message(ctx.cfg, root))
     neighbors, references = inputs
   return loader_lib.make_loader(ctx.cfg, root, split="train", sharding=ctx.batch_sharding,
                                 neighbors=neighbors, references=references)
