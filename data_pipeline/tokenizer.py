@@ -24,6 +24,8 @@ import numpy as np
 import sentencepiece as spm
 
 from m3jax.core import artifacts as atomic_io
+from m3jax.core import errors
+from m3jax.core.errors import InputError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 REFERENCE_SYMBOL = "Reference:"
@@ -37,7 +39,7 @@ _MAX_SENTENCE_BYTES = 8192
 _TRAIN_THREADS = 16
 
 
-class TokenizerMismatchError(ValueError):
+class TokenizerMismatchError(errors.UserError, ValueError):
   """A tokenizer does not match a model config or an artifact built with another one."""
 
 
@@ -72,9 +74,9 @@ def train_tokenizer(texts: Iterable[str], out: str, *, vocab_size: int,
   more. The files are written atomically.
   """
   if model_type not in MODEL_TYPES:
-    raise ValueError(f"tokenizer model_type {model_type!r}: must be one of {MODEL_TYPES}")
+    raise InputError(f"tokenizer model_type {model_type!r}: must be one of {MODEL_TYPES}")
   if vocab_size < 262 and model_type in ("bpe", "unigram"):
-    raise ValueError(f"tokenizer vocab_size={vocab_size} is too small: byte fallback alone "
+    raise InputError(f"tokenizer vocab_size={vocab_size} is too small: byte fallback alone "
                      "needs 256 byte pieces + 5 special pieces + some text pieces")
   out = _strip_model_suffix(out)
   counter: dict[str, Any] = {"sentences": 0, "error": None}
@@ -105,10 +107,10 @@ def train_tokenizer(texts: Iterable[str], out: str, *, vocab_size: int,
     if counter["error"] is not None:
       raise counter["error"] from None
     if counter["sentences"] == 0:
-      raise ValueError(f"tokenizer {out}.model: no training text (empty input)") from e
+      raise InputError(f"tokenizer {out}.model: no training text (empty input)") from e
     hint = (" (too little text for this vocab_size: lower it or add text)"
             if "Vocabulary size too high" in str(e) else "")
-    raise ValueError(f"training tokenizer {out}.model (vocab_size={vocab_size}, "
+    raise InputError(f"training tokenizer {out}.model (vocab_size={vocab_size}, "
                      f"{counter['sentences']} training sentences){hint}: {e}") from e
   data = proto.getvalue()
   tok = Tokenizer(data, path=out + ".model")
@@ -157,7 +159,7 @@ class Tokenizer:
     try:
       tok = cls(data, path=model)
     except RuntimeError as e:
-      raise ValueError(f"tokenizer model {model} is not a SentencePiece model: {e}") from e
+      raise InputError(f"tokenizer model {model} is not a SentencePiece model: {e}") from e
     sidecar = _strip_model_suffix(path) + ".json"
     if os.path.isfile(sidecar):
       with open(sidecar) as f:

@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
+from m3jax.core.errors import InputError
 from m3jax.inference import generate as gen_lib
 from m3jax.retrieval import rag as rag_lib
 from m3jax.retrieval import schedule
@@ -121,12 +122,12 @@ def run(cfg: Any, *, batch: int = 32, prompt_len: int = 128, new_tokens: int = 1
   """Runs the protocol (module docstring); returns the figures as a dict."""
   mc = model_config(cfg)
   if runs < 2:
-    raise ValueError("bench decode: --runs must be >= 2 (the first run is discarded)")
+    raise InputError("bench decode: --runs must be >= 2 (the first run is discarded)")
   if batch < 1 or prompt_len < 1 or new_tokens < 1:
-    raise ValueError("bench decode: --batch, --prompt_len and --new_tokens must be >= 1")
+    raise InputError("bench decode: --batch, --prompt_len and --new_tokens must be >= 1")
   for m in modes:
     if m not in MODES:
-      raise ValueError(f"bench decode: unknown mode {m!r}; expected {MODES}")
+      raise InputError(f"bench decode: unknown mode {m!r}; expected {MODES}")
   say = printer or (lambda msg: None)
   L, M = mc.chunk_length, mc.memories_per_chunk
   params = init_params(mc, jax.random.key(seed))

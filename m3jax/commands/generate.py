@@ -23,6 +23,7 @@ import jax
 from absl import app
 from absl import flags
 
+from m3jax import cli
 from m3jax import commands
 from m3jax.inference import generate as gen_lib
 from m3jax.inference import session as inference
@@ -53,19 +54,17 @@ _OUTPUT = flags.DEFINE_string("output", None, "Also write {prompt, completion} J
 
 def main(argv: list[str]) -> None:
   commands.check_args(argv)
-  try:
-    prompts = gen_lib.read_prompts(_PROMPTS_FILE.value, _PROMPT.value)
-    sampling = gen_lib.Sampling(_TEMPERATURE.value, _TOP_P.value)
-    if _MAX_NEW.value < 1 or _BATCH.value < 1:
-      raise ValueError("--max_new_tokens and --batch_size must be >= 1")
-    mode = _MEMORY.value
-    inf = inference.open_inference(
-        _CHECKPOINT.value, modes=[mode], workdir=_WORKDIR.value, data_dir=_DATA_DIR.value,
-        index_dir=_INDEX.value, bank_dir=_BANK.value, overlap_threshold=_THRESHOLD.value,
-        dtype=_DTYPE.value)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"m3jax generate: error: {e}", file=sys.stderr)
-    sys.exit(1)
+  if not _CHECKPOINT.value:
+    raise app.UsageError("--checkpoint is required (a params dir, workdir or step dir)")
+  prompts = gen_lib.read_prompts(_PROMPTS_FILE.value, _PROMPT.value)
+  sampling = gen_lib.Sampling(_TEMPERATURE.value, _TOP_P.value)
+  if _MAX_NEW.value < 1 or _BATCH.value < 1:
+    raise app.UsageError("--max_new_tokens and --batch_size must be >= 1")
+  mode = _MEMORY.value
+  inf = inference.open_inference(
+      _CHECKPOINT.value, modes=[mode], workdir=_WORKDIR.value, data_dir=_DATA_DIR.value,
+      index_dir=_INDEX.value, bank_dir=_BANK.value, overlap_threshold=_THRESHOLD.value,
+      dtype=_DTYPE.value)
   textgen = gen_lib.TextGenerator(
       gen_lib.Generator(inf.config, inf.params), inf.tokenizer, mode,
       retrieval=inference.memory_retrieval(inf) if mode == "explicit" else None,
@@ -88,4 +87,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(cli.run_module(sys.modules[__name__], sys.argv[1:]))

@@ -45,6 +45,7 @@ from data_pipeline import prepare as prepare_lib
 from m3jax.bench import decode as bench_decode
 from m3jax.core import artifacts
 from m3jax.core import config as config_lib
+from m3jax.core import errors
 from m3jax.core import metrics as metrics_lib
 from m3jax.core import stages as stages_lib
 from m3jax.core import workspace
@@ -85,7 +86,7 @@ DEFAULTS = dict(
 )
 
 
-class DemoError(RuntimeError):
+class DemoError(errors.UserError, RuntimeError):
   """A stage cannot run or its finished output does not match the config."""
 
 

@@ -19,6 +19,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 from m3jax.core import artifacts
 from m3jax.core.config import ModelConfig
+from m3jax.core.errors import InputError
 from m3jax.evaluation import coverage
 from m3jax.evaluation.scoring import Scorer, score_exact_match, score_multiple_choice
 from m3jax.evaluation.tasks import JSONL_TASKS, TASKS
@@ -44,13 +45,13 @@ def _memory_retrieval(model: OpenedModel, mode: str,
   retrieval = None
   if mode == "explicit":
     if retriever is None or model.memory_source is None:
-      raise ValueError("memory mode 'explicit' needs an index (retriever) and a memory "
+      raise InputError("memory mode 'explicit' needs an index (retriever) and a memory "
                        "source (bank)")
     retrieval = schedule.MemoryRetrieval.for_model(
         model.config, retriever, model.memory_source,
         lambda ids: model.tokenizer.decode(ids), cache_queries=True)
   if mode == "rag" and (retriever is None or model.references is None):
-    raise ValueError("memory mode 'rag' needs an index (retriever) and the references")
+    raise InputError("memory mode 'rag' needs an index (retriever) and the references")
   return retrieval
 
 
@@ -59,7 +60,7 @@ def run_task(model: OpenedModel, task: str, data: Any, mode: str, *, retriever: 
   """One task in one memory mode; returns its metrics plus retrieval counts."""
   if task == "kw_coverage":
     if mode != "explicit":
-      raise ValueError(f"kw_coverage describes explicit memories; mode {mode!r} has none")
+      raise InputError(f"kw_coverage describes explicit memories; mode {mode!r} has none")
     return coverage.answer_coverage(data, model.config, model.params, model.tokenizer,
                                     retriever, model.references)
   retrieval = _memory_retrieval(model, mode, retriever)
@@ -87,7 +88,7 @@ def run_task(model: OpenedModel, task: str, data: Any, mode: str, *, retriever: 
     scorer.stats["rag_refs"] += textgen.stats["rag_refs"]
     scorer.stats["rag_dropped"] += textgen.stats["rag_dropped"]
   else:
-    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    raise InputError(f"unknown task {task!r}; expected one of {TASKS}")
   if mode == "explicit":
     st = retrieval.stats
     result["retrieval"] = dict(queries=st["queries"], searches=st["searches"], refs=st["refs"],
