@@ -226,7 +226,7 @@ def command_help(module: ModuleType, name: str, args: Sequence[str] = (),
                  full: bool = False) -> str:
   """Purpose and example (docstring), own flags, main config fields; `full` adds the rest."""
   doc = (module.__doc__ or COMMANDS.get(name, ("", ""))[1]).strip()
-  out = [f"m3jax {name}: {doc}", ""]
+  out = [doc if doc.startswith(f"`m3jax {name}`") else f"m3jax {name}: {doc}", ""]
   own = flags.FLAGS.flags_by_module_dict().get(module.__name__, [])
   if own:
     out += ["flags:", _flag_lines(own), ""]
@@ -260,7 +260,8 @@ def command_help(module: ModuleType, name: str, args: Sequence[str] = (),
 def _flag_lines(flag_list: list[Any]) -> str:
   lines = []
   for f in sorted(flag_list, key=lambda f: f.name):
-    default = "" if f.default is None else f" (default: {f.default_as_str or f.default!r})"
+    value = ",".join(map(str, f.default)) if isinstance(f.default, list) else f.default
+    default = "" if value in (None, "", []) else f" (default: {value})"
     lines.append(f"  --{f.name}: {' '.join((f.help or '').split())}{default}")
   return "\n".join(lines)
 

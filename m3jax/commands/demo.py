@@ -1,4 +1,4 @@
-"""`m3jax demo --config=configs/demo.py --workdir=demo_workdir`: the whole pipeline.
+"""`m3jax demo`: the whole pipeline on the knowledge world, with its evidence table.
 
 prepare-data -> warmup training -> build-index + mine-neighbors -> continual
 training -> encode-memory -> eval (knowledge QA by entity group x memory mode,
