@@ -13,7 +13,10 @@ threshold with the question are dropped; default `data.eval_overlap_threshold`,
 2/3) is on by default and the number of references it dropped is reported;
 --unfiltered also runs the memory modes with it off. Prints a table and writes
 JSON to --output (default `<workdir>/eval/results-step<STEP>.json`, or
-`results.json` for a params directory without a step).
+`results.json` for a params directory without a step). --output is checked before
+anything is computed and rewritten after each finished task and mode (`complete`
+is true at the end), so a failure keeps every finished result and names the task
+and mode that failed.
 """
 
 from __future__ import annotations
@@ -72,15 +75,15 @@ def main(argv: list[str]) -> None:
                                  data_dir=_DATA_DIR.value, index_dir=_INDEX.value,
                                  bank_dir=_BANK.value, dtype=_DTYPE.value)
   threshold = runner.filter_threshold(inf, _FILTER.value, _THRESHOLD.value)
+  out = runner.report_path(_OUTPUT.value, _WORKDIR.value or checkpoint, inf.step)
+  runner.check_output(out)
   data = tasks_lib.load_tasks(tasks, inf.data_root, _LIMIT.value)
 
   log = lambda msg: print(msg, file=sys.stderr, flush=True)
   report = runner.evaluate_checkpoint(inf, data, modes, threshold=threshold,
                                       batch_size=_BATCH.value, max_new_tokens=_MAX_NEW.value,
-                                      unfiltered=_UNFILTERED.value, log=log)
+                                      unfiltered=_UNFILTERED.value, log=log, output=out)
   print(runner.format_table(report["results"]))
-  out = runner.report_path(_OUTPUT.value, _WORKDIR.value or checkpoint, inf.step)
-  runner.write_report(out, report)
   print(f"results: {out}", file=sys.stderr)
 
 
