@@ -25,6 +25,7 @@ from absl import flags
 
 from m3jax import cli
 from m3jax import commands
+from m3jax.core.progress import Progress
 from m3jax.inference import generate as gen_lib
 from m3jax.inference import session as inference
 
@@ -70,9 +71,11 @@ def main(argv: list[str]) -> None:
       retrieval=inference.memory_retrieval(inf) if mode == "explicit" else None,
       retriever=inf.retriever, references=inf.references)
   filters = prompts if _THRESHOLD.value is not None else None
+  progress = Progress(len(prompts), desc="generate", unit="prompts",
+                      printer=lambda line: print(line, file=sys.stderr, flush=True))
   completions = textgen.complete(prompts, max_new_tokens=_MAX_NEW.value, sampling=sampling,
                                  key=jax.random.key(_SEED.value), batch_size=_BATCH.value,
-                                 filter_texts=filters)
+                                 filter_texts=filters, on_batch=progress.update)
   rows = []
   for i, (p, c) in enumerate(zip(prompts, completions)):
     print(f"=== [{i}] {mode} ===\n{p}\n--- completion ---\n{c.text}\n")

@@ -34,6 +34,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, met
                                required=True)
 _STOP_AFTER = flags.DEFINE_integer("stop_after", None,
                                    "Checkpoint and leave after this many steps of this run.")
+_PROGRESS_EVERY_S = flags.DEFINE_float(
+    "progress_every_s", 30.0, "Seconds between `train: N/M steps ... ETA` lines (each log "
+    "line carries the ETA too).")
 distributed.define_distributed_flags()
 
 
@@ -42,7 +45,8 @@ def main(argv: list[str]) -> None:
   distributed.initialize_from_flags()
   from m3jax.training import loop as train  # after distributed init: it touches devices
   cfg = config_lib.validate(_CONFIG.value)
-  train.train(cfg, _WORKDIR.value, stop_after=_STOP_AFTER.value)
+  train.train(cfg, _WORKDIR.value, stop_after=_STOP_AFTER.value,
+              progress_every_s=_PROGRESS_EVERY_S.value)
 
 
 if __name__ == "__main__":

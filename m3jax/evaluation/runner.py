@@ -21,6 +21,7 @@ from m3jax.core import artifacts
 from m3jax.core import errors
 from m3jax.core.config import ModelConfig
 from m3jax.core.errors import InputError
+from m3jax.core.progress import Progress
 from m3jax.evaluation import coverage
 from m3jax.evaluation.scoring import Scorer, score_exact_match, score_multiple_choice
 from m3jax.evaluation.tasks import JSONL_TASKS, TASKS
@@ -56,9 +57,21 @@ def _memory_retrieval(model: OpenedModel, mode: str,
   return retrieval
 
 
+def work_units(task: str, data: Any) -> int:
+  """Sequences `run_task` scores or completes for a task (what its progress counts)."""
+  if task in JSONL_TASKS or task == "kw_mc":
+    return sum(len(item.choices) for item in data)
+  return len(data)
+
+
 def run_task(model: OpenedModel, task: str, data: Any, mode: str, *, retriever: Any = None,
-             batch_size: int = 8, max_new_tokens: int = 16) -> dict[str, Any]:
-  """One task in one memory mode; returns its metrics plus retrieval counts."""
+             batch_size: int = 8, max_new_tokens: int = 16,
+             on_scored: Callable[[int], None] | None = None) -> dict[str, Any]:
+  """One task in one memory mode; returns its metrics plus retrieval counts.
+
+  `on_scored(n)` is called as batches finish with the sequences they scored (of
+  `work_units(task, data)`); kw_coverage does not report.
+  """
   if task == "kw_coverage":
     if mode != "explicit":
       raise InputError(f"kw_coverage describes explicit memories; mode {mode!r} has none")
@@ -66,7 +79,8 @@ def run_task(model: OpenedModel, task: str, data: Any, mode: str, *, retriever: 
                                     retriever, model.references)
   retrieval = _memory_retrieval(model, mode, retriever)
   scorer = Scorer(model.config, model.params, model.tokenizer, mode, retrieval=retrieval,
-                  retriever=retriever, references=model.references, batch_size=batch_size)
+                  retriever=retriever, references=model.references, batch_size=batch_size,
+                  on_scored=on_scored)
   if task == "perplexity":
     nll, n = scorer.sequence_nll(data)
     result = perplexity_from(nll, n)
@@ -81,7 +95,8 @@ def run_task(model: OpenedModel, task: str, data: Any, mode: str, *, retriever: 
       done = textgen.complete([it.prompt for it in items], max_new_tokens=max_new_tokens,
                               batch_size=batch_size,
                               queries=[it.question for it in items],
-                              filter_texts=[it.question for it in items])
+                              filter_texts=[it.question for it in items],
+                              on_batch=on_scored)
       return [c.text for c in done]
 
     result = score_exact_match(complete, data)
@@ -112,13 +127,15 @@ class TaskModeError(errors.UserError):
 def run_all(model: OpenedModel, tasks: dict[str, Any], modes: Sequence[str], *,
             batch_size: int = 8, max_new_tokens: int = 16, unfiltered: bool = False,
             log: Callable[[str], None] = print,
-            on_result: Callable[[str, str, dict[str, Any]], None] | None = None
-            ) -> dict[str, Any]:
+            on_result: Callable[[str, str, dict[str, Any]], None] | None = None,
+            progress_every_s: float = 30.0) -> dict[str, Any]:
   """Every task in every mode; with `unfiltered`, memory modes again with the filter off.
 
   `batch_size`: sequences per forward / generation batch; `max_new_tokens`: answer
   tokens generated for kw_qa. Returns {task: {mode: metrics}}; unfiltered runs
-  appear as mode "<mode>/unfiltered". `on_result(task, mode, metrics)` is called as
+  appear as mode "<mode>/unfiltered". Each run logs a progress line (sequences done /
+  total, rate, elapsed, ETA) every `progress_every_s` seconds and when it ends.
+  `on_result(task, mode, metrics)` is called as
   each one finishes (to save it at once). A user error in one run is raised as
   `TaskModeError` naming the task and mode; a bug keeps its type, with a note.
   """
@@ -134,8 +151,13 @@ def run_all(model: OpenedModel, tasks: dict[str, Any], modes: Sequence[str], *,
         runs.append((f"{mode}/unfiltered", model.retriever.with_threshold(None)))
       for name, retriever in runs:
         log(f"eval: {task} / {name}" + (" (leakage filter off)" if "/" in name else ""))
+        progress = Progress(work_units(task, data), desc=f"eval: {task} / {name}",
+                            unit="seqs", every_s=progress_every_s, printer=log)
         try:
-          result = run_task(model, task, data, mode, retriever=retriever, **sizes)
+          result = run_task(model, task, data, mode, retriever=retriever,
+                            on_scored=progress.update, **sizes)
+          if task != "kw_coverage":
+            progress.close()
         except Exception as e:
           reason = errors.user_message(e)
           if reason is None:

@@ -30,7 +30,7 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -335,11 +335,13 @@ class TextGenerator:
                sampling: Sampling = Sampling(), key: jax.Array | None = None,
                batch_size: int = 16, queries: Sequence[str] | None = None,
                filter_texts: Sequence[str | None] | None = None,
-               stop_at_eos: bool = True) -> list[Completion]:
+               stop_at_eos: bool = True,
+               on_batch: Callable[[int], None] | None = None) -> list[Completion]:
     """Completions in prompt order.
 
     queries: RAG query per prompt (default: the prompt). filter_texts: what
     the leakage filter compares references with, per prompt (None: no filter).
+    on_batch: called with the number of prompts each finished batch completed.
     """
     n = len(prompts)
     contexts = self.contexts(prompts, queries, filter_texts)
@@ -357,6 +359,8 @@ class TextGenerator:
       for j, i in enumerate(rows):
         toks = got.tokens[j, :got.lengths[j]].tolist()
         out[i] = Completion(self.tokenizer.decode(toks), toks, bool(got.stopped_at_eos[j]))
+      if on_batch is not None:
+        on_batch(len(rows))
     return out  # type: ignore[return-value]
 
 

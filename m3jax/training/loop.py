@@ -32,6 +32,7 @@ from m3jax.core import config as config_lib
 from m3jax.core import hardware
 from m3jax.core import metrics as metrics_lib
 from m3jax.core import workspace
+from m3jax.core.progress import Progress
 from m3jax.core.errors import InputError
 from m3jax.model import costs
 from m3jax.model import params_io
@@ -270,11 +271,13 @@ def _initial_state(cfg, ctx: RunContext, workdir: str, checkpointer, loader) -> 
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None = None,
-          stop_after: int | None = None) -> dict[str, float]:
+          stop_after: int | None = None, progress_every_s: float = 30.0) -> dict[str, float]:
   """Trains until `train.steps` (or `max_steps`); returns the last logged metrics.
 
   stop_after: leave after this many steps of THIS invocation (tests, time-boxed
-  jobs), checkpointing first as a preemption would.
+  jobs), checkpointing first as a preemption would. Every log line ends with the
+  rate, elapsed time and ETA; between log lines a `train: 1200/10000 steps ...` line
+  comes every `progress_every_s` seconds.
   """
   config_lib.validate(cfg)
   workdir = os.path.abspath(workdir)
@@ -307,6 +310,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None
   guard = PreemptionGuard(sync_every=int(t.log_every)).install()
   step = int(jax.device_get(state.step))
   start_step, last_log_time, last_log_step = step, time.perf_counter(), step
+  progress = Progress(total_steps, desc="train", unit="steps", every_s=progress_every_s,
+                      initial=step, enabled=jax.process_index() == 0)
   logged: dict[str, float] = {}
   try:
     while step < total_steps:
@@ -319,6 +324,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None
         jax.block_until_ready(m)
         last_log_time, last_log_step = time.perf_counter(), step
         write_run_config(cfg, workdir)  # the run has started: its config now describes it
+        progress.mark(step)  # the rate and ETA leave compilation out
       if step % int(t.log_every) == 0 or step == total_steps:
         values = acc.fetch()  # waits for the device only here
         now = time.perf_counter()
@@ -335,7 +341,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None
              f"mfu {values['mfu']:.1%}" +
              (f" mem_share {values['memory_chunk_share']:.2f} mem_mass "
               f"{values.get('memory_attention_mass', float('nan')):.3f}"
-              if ctx.use_memory else ""))
+              if ctx.use_memory else "") + f" | {progress.mark(step)}")
+      else:
+        progress.set(step)
       if int(t.eval_every) and (step % int(t.eval_every) == 0 or step == total_steps):
         ev = evaluate(ctx, state.params, root, eval_plain, eval_mem)
         writer.write_scalars(step, ev)
