@@ -49,6 +49,7 @@ from m3jax.core import errors
 from m3jax.core import metrics as metrics_lib
 from m3jax.core import stages as stages_lib
 from m3jax.core import workspace
+from m3jax.core.progress import format_duration
 from m3jax.demo import report
 from m3jax.demo.report import GROUPS, MODES
 from m3jax.evaluation import runner as eval_runner
@@ -67,6 +68,7 @@ STAGES = ("prepare", "warmup", "index", "neighbors", "continual", "encode", "eva
           "summary")
 TRAIN_STAGES = ("warmup", "continual")  # each trains in <workdir>/<stage>
 STAGES_DIR = "stages"
+STAGE_ORDER = ("prepare", "warmup", "index", "neighbors", "continual", "encode", "eval", "bench")
 SUMMARY_FILE = "summary.json"
 
 # `demo` section defaults (configs/demo.py overrides them).
@@ -220,6 +222,8 @@ class _Stages:
 
   def __init__(self, workdir: str, log: Callable[[str], None]):
     self.dir = os.path.join(workdir, STAGES_DIR)
+    self.log = log
+    self.t0 = time.perf_counter()
     self.runner = stages_lib.StageRunner(fmt=stages_lib.RECORDED_STAGE,
                                          on_change=stages_lib.rerun_on_change(log), log=log)
 
@@ -230,6 +234,8 @@ class _Stages:
   def run(self, name: str, settings: Any, fn: Callable[[], Any],
           done: Callable[[], bool]) -> dict[str, Any]:
     upstream = {k: r[stages_lib.RECORDED_STAGE.key] for k, r in self.records.items()}
+    self.log(f"[{STAGE_ORDER.index(name) + 1}/{len(STAGE_ORDER)}] {name} | elapsed "
+             f"{format_duration(time.perf_counter() - self.t0)}")
     return self.runner.run(name, dict(settings=settings, upstream=upstream), fn,
                            record=os.path.join(self.dir, f"{name}.json"), done=done)
 
