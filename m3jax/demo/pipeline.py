@@ -68,7 +68,6 @@ STAGES = ("prepare", "warmup", "index", "neighbors", "continual", "encode", "eva
           "summary")
 TRAIN_STAGES = ("warmup", "continual")  # each trains in <workdir>/<stage>
 STAGES_DIR = "stages"
-STAGE_ORDER = ("prepare", "warmup", "index", "neighbors", "continual", "encode", "eval", "bench")
 SUMMARY_FILE = "summary.json"
 
 # `demo` section defaults (configs/demo.py overrides them).
@@ -231,11 +230,15 @@ class _Stages:
   def records(self) -> dict[str, dict[str, Any]]:
     return self.runner.records
 
+  def announce(self, name: str) -> None:
+    """`[5/9] continual | elapsed 12m03s`: where the demo is and how long it has run."""
+    self.log(f"[{STAGES.index(name) + 1}/{len(STAGES)}] {name} | elapsed "
+             f"{format_duration(time.perf_counter() - self.t0)}")
+
   def run(self, name: str, settings: Any, fn: Callable[[], Any],
           done: Callable[[], bool]) -> dict[str, Any]:
     upstream = {k: r[stages_lib.RECORDED_STAGE.key] for k, r in self.records.items()}
-    self.log(f"[{STAGE_ORDER.index(name) + 1}/{len(STAGE_ORDER)}] {name} | elapsed "
-             f"{format_duration(time.perf_counter() - self.t0)}")
+    self.announce(name)
     return self.runner.run(name, dict(settings=settings, upstream=upstream), fn,
                            record=os.path.join(self.dir, f"{name}.json"), done=done)
 
@@ -303,6 +306,7 @@ def run_demo(cfg: ml_collections.ConfigDict, workdir: str, *,
   runner.run("bench", bench_settings, lambda: _bench_stage(cont_cfg, workdir, s),
              lambda: os.path.exists(report.bench_file(workdir)))
 
+  runner.announce("summary")
   summary = report.build_summary(cont_cfg, workdir, runner.records, s)
   report.write_plots(workdir, summary)
   summary["plots"] = [os.path.join(workdir, p) for p in report.PLOTS]
