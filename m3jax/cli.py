@@ -132,7 +132,7 @@ def run_module(module: ModuleType, args: Sequence[str], name: str | None = None)
     message = user_message(e)
     if message is None:
       raise
-    if _want_traceback(args):
+    if _want_traceback():
       traceback.print_exc()
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
     return 1
@@ -148,7 +148,8 @@ def user_message(e: BaseException) -> str | None:
   return errors.user_message(e)
 
 
-def _want_traceback(args: Sequence[str]) -> bool:
+def _want_traceback() -> bool:
+  """--verbosity >= 1, or M3JAX_TRACEBACK set to anything but 0."""
   if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
     return True
   try:

@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
+from m3jax.core import errors
 from m3jax.core.errors import InputError
 from m3jax.inference import generate as gen_lib
 from m3jax.retrieval import rag as rag_lib
@@ -55,6 +56,10 @@ MODES = ("none", "explicit", "rag")
 def _words(ids: Sequence[int]) -> str:
   return " ".join(f"t{int(i)}" for i in ids)
 
+
+
+class BankTooSmallError(errors.UserError, RuntimeError):
+  """A reused --bank_dir holds too few references for the requested runs."""
 
 class _Timed:
   """Accumulates the seconds spent in one method of a wrapped object."""
@@ -88,8 +93,8 @@ class UniqueIds:
     got = self.retriever.retrieve(queries, filter_texts)
     n = got.ids.size
     if self.next_id + n > self.n_references:
-      raise RuntimeError(f"bench decode: the bank holds {self.n_references} references, too "
-                         "few for unique ids in every run (raise --bank_references)")
+      raise BankTooSmallError(f"bench decode: the bank holds {self.n_references} references, "
+                              "too few for unique ids in every run (raise --bank_references)")
     ids = np.arange(self.next_id, self.next_id + n, dtype=np.int64).reshape(got.ids.shape)
     self.next_id += n
     return got._replace(ids=ids)
