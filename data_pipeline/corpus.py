@@ -39,12 +39,14 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from m3jax.core import errors
+
 TXT_DOCS = ("blank_line", "file")
 _SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz")
 DEFAULT_MAX_SPLIT_BYTES = 256 << 20
 
 
-class CorpusError(ValueError):
+class CorpusError(errors.UserError, ValueError):
   """Bad or missing input text; the message names the file (and position)."""
 
 

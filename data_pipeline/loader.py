@@ -42,6 +42,7 @@ import numpy as np
 
 from data_pipeline import tfds_builders
 from data_pipeline import prepared
+from m3jax.core.errors import InputError
 
 STATE_VERSION = 2
 
@@ -209,16 +210,16 @@ class Loader:
     self.shard_options = shard_options
     count = shard_options.shard_count
     if self.global_batch_size % count:
-      raise ValueError(f"data.batch_size={self.global_batch_size} is not divisible by the "
+      raise InputError(f"data.batch_size={self.global_batch_size} is not divisible by the "
                        f"{count} data shards (processes)")
     self.local_batch_size = self.global_batch_size // count
     lo = shard_options.shard_index * self.local_batch_size
     self.rows = (lo, lo + self.local_batch_size)  # this process's rows of every batch
     n = len(source)
     if n == 0:
-      raise ValueError(f"{source!r} holds no sequences")
+      raise InputError(f"{source!r} holds no sequences")
     if num_epochs is None and n < self.global_batch_size:
-      raise ValueError(f"{n} sequences are fewer than one global batch of "
+      raise InputError(f"{n} sequences are fewer than one global batch of "
                        f"{self.global_batch_size} (data.batch_size)")
     self.num_records = n
     ops: list[Any] = [AddTargets(self.pad_id)]

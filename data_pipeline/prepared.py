@@ -17,6 +17,7 @@ from data_pipeline import tfds_builders
 from data_pipeline import tokenizer as tok_lib
 from m3jax.core import artifacts
 from m3jax.core import workspace
+from m3jax.core.errors import InputError
 
 MANIFEST = workspace.DATA_MANIFEST
 FORMAT = "m3jax-data/1"
@@ -38,8 +39,8 @@ def dataset_path(root: str, name: str) -> str:
   """Absolute version directory of dataset `name` (references, packed, documents, qa)."""
   manifest = load_manifest(root)
   if name not in manifest["datasets"]:
-    raise KeyError(f"{root}/{MANIFEST} lists no dataset {name!r}; has "
-                   f"{sorted(manifest['datasets'])}")
+    raise InputError(f"{root}/{MANIFEST} lists no dataset {name!r}; has "
+                     f"{sorted(manifest['datasets'])}")
   return artifacts.confined_path(root, manifest["datasets"][name].get("path"),
                                  f"{root}/{MANIFEST} datasets.{name}.path")
 

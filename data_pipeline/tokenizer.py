@@ -30,6 +30,8 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
 from m3jax.core import artifacts as atomic_io
+from m3jax.core import errors
+from m3jax.core.errors import InputError
 from m3jax.core.progress import Progress
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -49,7 +51,7 @@ _PIECE_CHARS = 1 << 17
 _PROGRESS_EVERY_S = 10.0
 
 
-class TokenizerMismatchError(ValueError):
+class TokenizerMismatchError(errors.UserError, ValueError):
   """A tokenizer does not match a model config or an artifact built with another one."""
 
 
@@ -132,9 +134,9 @@ def train_tokenizer(texts: Iterable[str], out: str, *, vocab_size: int,
   more. The files are written atomically.
   """
   if model_type not in MODEL_TYPES:
-    raise ValueError(f"tokenizer model_type {model_type!r}: must be one of {MODEL_TYPES}")
+    raise InputError(f"tokenizer model_type {model_type!r}: must be one of {MODEL_TYPES}")
   if vocab_size < 262 and model_type in ("bpe", "unigram"):
-    raise ValueError(f"tokenizer vocab_size={vocab_size} is too small: byte fallback alone "
+    raise InputError(f"tokenizer vocab_size={vocab_size} is too small: byte fallback alone "
                      "needs 256 byte pieces + 5 special pieces + some text pieces")
   out = _strip_model_suffix(out)
   counter: dict[str, Any] = {"sentences": 0, "error": None}
@@ -165,10 +167,10 @@ def train_tokenizer(texts: Iterable[str], out: str, *, vocab_size: int,
     if counter["error"] is not None:
       raise counter["error"] from None
     if counter["sentences"] == 0:
-      raise ValueError(f"tokenizer {out}.model: no training text (empty input)") from e
+      raise InputError(f"tokenizer {out}.model: no training text (empty input)") from e
     hint = (" (too little text for this vocab_size: lower it or add text)"
             if "Vocabulary size too high" in str(e) else "")
-    raise ValueError(f"training tokenizer {out}.model (vocab_size={vocab_size}, "
+    raise InputError(f"training tokenizer {out}.model (vocab_size={vocab_size}, "
                      f"{counter['sentences']} training sentences){hint}: {e}") from e
   data = proto.getvalue()
   tok = Tokenizer(data, path=out + ".model")
@@ -218,7 +220,7 @@ class Tokenizer:
     try:
       tok = cls(data, path=model)
     except RuntimeError as e:
-      raise ValueError(f"tokenizer model {model} is not a SentencePiece model: {e}") from e
+      raise InputError(f"tokenizer model {model} is not a SentencePiece model: {e}") from e
     sidecar = _strip_model_suffix(path) + ".json"
     if os.path.isfile(sidecar):
       with open(sidecar) as f:

@@ -34,6 +34,8 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
+from m3jax.core import errors
+from m3jax.core.errors import InputError
 from m3jax.inference import generate as gen_lib
 from m3jax.retrieval import rag as rag_lib
 from m3jax.retrieval import schedule
@@ -54,6 +56,10 @@ MODES = ("none", "explicit", "rag")
 def _words(ids: Sequence[int]) -> str:
   return " ".join(f"t{int(i)}" for i in ids)
 
+
+
+class BankTooSmallError(errors.UserError, RuntimeError):
+  """A reused --bank_dir holds too few references for the requested runs."""
 
 class _Timed:
   """Accumulates the seconds spent in one method of a wrapped object."""
@@ -87,8 +93,8 @@ class UniqueIds:
     got = self.retriever.retrieve(queries, filter_texts)
     n = got.ids.size
     if self.next_id + n > self.n_references:
-      raise RuntimeError(f"bench decode: the bank holds {self.n_references} references, too "
-                         "few for unique ids in every run (raise --bank_references)")
+      raise BankTooSmallError(f"bench decode: the bank holds {self.n_references} references, "
+                              "too few for unique ids in every run (raise --bank_references)")
     ids = np.arange(self.next_id, self.next_id + n, dtype=np.int64).reshape(got.ids.shape)
     self.next_id += n
     return got._replace(ids=ids)
@@ -121,12 +127,12 @@ def run(cfg: Any, *, batch: int = 32, prompt_len: int = 128, new_tokens: int = 1
   """Runs the protocol (module docstring); returns the figures as a dict."""
   mc = model_config(cfg)
   if runs < 2:
-    raise ValueError("bench decode: --runs must be >= 2 (the first run is discarded)")
+    raise InputError("bench decode: --runs must be >= 2 (the first run is discarded)")
   if batch < 1 or prompt_len < 1 or new_tokens < 1:
-    raise ValueError("bench decode: --batch, --prompt_len and --new_tokens must be >= 1")
+    raise InputError("bench decode: --batch, --prompt_len and --new_tokens must be >= 1")
   for m in modes:
     if m not in MODES:
-      raise ValueError(f"bench decode: unknown mode {m!r}; expected {MODES}")
+      raise InputError(f"bench decode: unknown mode {m!r}; expected {MODES}")
   say = printer or (lambda msg: None)
   L, M = mc.chunk_length, mc.memories_per_chunk
   params = init_params(mc, jax.random.key(seed))

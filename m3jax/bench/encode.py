@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from m3jax.core.config import model_config
+from m3jax.core.errors import InputError
 from m3jax.memory import bank_format
 from m3jax.memory import codecs
 from m3jax.memory import pq as pq_lib
@@ -57,7 +58,7 @@ def run(cfg: Any, *, batch_size: int = 16, repeats: int = 5, warmup: int = 2, se
   """Measures encode vs forward throughput; returns the figures (and prints them)."""
   mc = model_config(cfg)
   if repeats < 1 or warmup < 1 or batch_size < 1:
-    raise ValueError("bench encode: batch_size, repeats and warmup must be >= 1")
+    raise InputError("bench encode: batch_size, repeats and warmup must be >= 1")
   params = init_params(mc, jax.random.key(seed))
   mesh = encoder_mesh(cfg)
   encoder = ReferenceEncoder(mc, params, batch_size, mesh=mesh)

@@ -17,13 +17,16 @@ from __future__ import annotations
 import json
 import sys
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from m3jax import cli
 from m3jax import commands
 from m3jax.core import config as config_lib
 from m3jax.bench import decode as bench_decode
+
+CONFIG_FIELDS = ("model.d_model", "model.n_layers", "model.memory_layers", "model.dtype",
+                 "bank.quantization", "bank.cache_memories")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _BATCH = flags.DEFINE_integer("batch", 32, "Sequences per run.")
@@ -38,18 +41,14 @@ _JSON = flags.DEFINE_string("json", None, "Also write the figures to this JSON f
 
 def main(argv: list[str]) -> None:
   commands.check_args(argv, _CONFIG)
-  try:
-    cfg = config_lib.validate(_CONFIG.value)
-    result = bench_decode.run(cfg, batch=_BATCH.value, prompt_len=_PROMPT_LEN.value,
-                              new_tokens=_NEW.value, runs=_RUNS.value, modes=_MODES.value,
-                              seed=_SEED.value, bank_dir=_BANK_DIR.value)
-  except (config_lib.ConfigError, ValueError, RuntimeError) as e:
-    print(f"m3jax bench decode: error: {e}", file=sys.stderr)
-    sys.exit(1)
+  cfg = config_lib.validate(_CONFIG.value)
+  result = bench_decode.run(cfg, batch=_BATCH.value, prompt_len=_PROMPT_LEN.value,
+                            new_tokens=_NEW.value, runs=_RUNS.value, modes=_MODES.value,
+                            seed=_SEED.value, bank_dir=_BANK_DIR.value)
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(cli.run_module(sys.modules[__name__], sys.argv[1:]))

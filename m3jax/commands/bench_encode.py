@@ -10,14 +10,19 @@ Random parameters and tokens; nothing is read from disk. Also runnable as
 from __future__ import annotations
 
 import json
+import sys
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from m3jax import cli
 from m3jax import commands
 from m3jax.core import config as config_lib
 from m3jax.bench import encode as bench_encode
+
+CONFIG_FIELDS = ("model.d_model", "model.n_layers", "model.memory_layers",
+                 "model.memory_tokens_per_head", "model.reference_length", "model.dtype",
+                 "bank.quantization", "bank.pq_subvectors")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "References per encode step (and sequences "
@@ -34,18 +39,15 @@ _JSON = flags.DEFINE_string("json", None, "Also write the figures to this JSON f
 def main(argv: list[str]) -> None:
   commands.check_args(argv, _CONFIG)
   cfg = config_lib.validate(_CONFIG.value)
-  try:
-    result = bench_encode.run(cfg, batch_size=_BATCH.value, repeats=_REPEATS.value,
-                              warmup=_WARMUP.value, seed=_SEED.value)
-    if _QUANT_SAMPLE.value > 0:
-      result["quantization"] = bench_encode.quantization(
-          cfg, n_references=_QUANT_SAMPLE.value, seed=_SEED.value)
-  except (config_lib.ConfigError, ValueError) as e:
-    raise SystemExit(f"m3jax bench encode: error: {e}") from e
+  result = bench_encode.run(cfg, batch_size=_BATCH.value, repeats=_REPEATS.value,
+                            warmup=_WARMUP.value, seed=_SEED.value)
+  if _QUANT_SAMPLE.value > 0:
+    result["quantization"] = bench_encode.quantization(
+        cfg, n_references=_QUANT_SAMPLE.value, seed=_SEED.value)
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(cli.run_module(sys.modules[__name__], sys.argv[1:]))

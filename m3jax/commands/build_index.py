@@ -15,15 +15,17 @@ from __future__ import annotations
 import json
 import sys
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from m3jax import cli
 from m3jax import commands
 from m3jax.core import config as config_lib
-from m3jax.retrieval import embedder as emb_lib
 from m3jax.retrieval import index as index_lib
 from m3jax.retrieval import reference_index
+
+CONFIG_FIELDS = ("data.workdir_data", "data.embedder", "data.embed_dim",
+                 "data.embed_model_layer")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -39,18 +41,13 @@ _BRUTE_FORCE_BELOW = flags.DEFINE_integer(
 def main(argv: list[str]) -> None:
   commands.check_args(argv, _CONFIG, _WORKDIR)
   cfg = config_lib.validate(_CONFIG.value)
-  try:
-    index = reference_index.build_reference_index(
-        cfg, _WORKDIR.value, params_dir=_PARAMS.value, out=_OUT.value,
-        overwrite=_OVERWRITE.value,
-        settings=index_lib.IndexSettings(brute_force_below=_BRUTE_FORCE_BELOW.value))
-  except (config_lib.ConfigError, index_lib.IndexDirError, emb_lib.EmbedderError,
-          FileNotFoundError) as e:
-    print(f"m3jax build-index: error: {e}", file=sys.stderr)
-    sys.exit(1)
+  index = reference_index.build_reference_index(
+      cfg, _WORKDIR.value, params_dir=_PARAMS.value, out=_OUT.value,
+      overwrite=_OVERWRITE.value,
+      settings=index_lib.IndexSettings(brute_force_below=_BRUTE_FORCE_BELOW.value))
   print(json.dumps(dict(index=index.path, references=index.count, dim=index.dim,
                         mode=index.settings["mode"], embedder=index.fingerprint), indent=2))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(cli.run_module(sys.modules[__name__], sys.argv[1:]))

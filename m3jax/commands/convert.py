@@ -13,11 +13,13 @@ Existing outputs are never overwritten.
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 
+from m3jax import cli
 from m3jax import commands
 from m3jax.core import config as config_lib
 from m3jax.model import hf_convert as convert
@@ -47,14 +49,6 @@ def _prefix_ids() -> tuple[int, ...] | None:
 
 
 def main(argv: list[str]) -> None:
-  try:
-    _convert(argv)
-  except (FileNotFoundError, FileExistsError, convert.ConversionError,
-          config_lib.ConfigError) as e:
-    raise SystemExit(f"m3jax convert: {e}") from e
-
-
-def _convert(argv: list[str]) -> None:
   commands.check_args(argv)
   if _OUT.value is None:
     raise app.UsageError("--out is required")
@@ -83,4 +77,4 @@ def _convert(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(cli.run_module(sys.modules[__name__], sys.argv[1:]))

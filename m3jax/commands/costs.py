@@ -7,14 +7,22 @@ Prints the report of `m3jax.model.cost_report.format_report` (docs/model.md "Cos
 
 from __future__ import annotations
 
+import sys
+
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from m3jax import cli
 from m3jax import commands
 from m3jax.core import config as config_lib
 from m3jax.model import cost_report
 from m3jax.model import costs
+
+CONFIG_FIELDS = ("model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads",
+                 "model.n_kv_heads", "model.mlp_dim", "model.memory_layers",
+                 "model.memory_heads", "model.memory_tokens_per_head",
+                 "model.reference_length")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -50,15 +58,12 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(
         f"--quantized_bytes_per_vector must be positive, got {_BYTES_PER_VECTOR.value}")
   cfg = config_lib.validate(_CONFIG.value)
-  try:
-    report = cost_report.cost_report(config_lib.model_config(cfg), name=cfg.get("name", ""),
-                                     references=_REFERENCES.value,
-                                     uses=_parse_uses(_USES.value),
-                                     bytes_per_vector=_BYTES_PER_VECTOR.value)
-  except ValueError as e:  # ConfigError included
-    raise SystemExit(f"m3jax costs: {e}") from e
+  report = cost_report.cost_report(config_lib.model_config(cfg), name=cfg.get("name", ""),
+                                   references=_REFERENCES.value,
+                                   uses=_parse_uses(_USES.value),
+                                   bytes_per_vector=_BYTES_PER_VECTOR.value)
   print(cost_report.format_report(report))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(cli.run_module(sys.modules[__name__], sys.argv[1:]))

@@ -21,13 +21,15 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from m3jax import cli
 from m3jax import commands
 from m3jax.core import config as config_lib
 from m3jax.core import distributed
-from m3jax.memory import bank_format
-from m3jax.memory import codecs
 from m3jax.memory import encode_job
 from m3jax.model import params_io
+
+CONFIG_FIELDS = ("bank.shard_size", "bank.encode_batch_size", "bank.quantization",
+                 "bank.pq_subvectors", "bank.pq_train_references", "model.dtype")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model: params dir, workdir or step dir.")
@@ -58,22 +60,17 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("--process_index and --process_count go together")
   if _PROCESS_COUNT.value is None:
     distributed.initialize_from_flags()
-  try:
-    cfg = config_lib.validate(_CONFIG.value)
-    ckpt_cfg, params, step = params_io.load_for_inference(_CHECKPOINT.value)
-    result = encode_job.run(
-        cfg, checkpoint=_CHECKPOINT.value, checkpoint_config=ckpt_cfg, params=params,
-        step=step, references=_REFERENCES.value, out=_OUT.value,
-        quantizer_path=_QUANTIZER.value, process_index=_PROCESS_INDEX.value,
-        process_count=_PROCESS_COUNT.value, max_shards=_MAX_SHARDS.value,
-        verify_existing=_VERIFY_EXISTING.value, progress_every_s=_PROGRESS_EVERY_S.value)
-  except (config_lib.ConfigError, bank_format.BankError, codecs.QuantizerError,
-          FileNotFoundError) as e:
-    print(f"m3jax encode-memory: error: {e}", file=sys.stderr)
-    sys.exit(1)
+  cfg = config_lib.validate(_CONFIG.value)
+  ckpt_cfg, params, step = params_io.load_for_inference(_CHECKPOINT.value)
+  result = encode_job.run(
+      cfg, checkpoint=_CHECKPOINT.value, checkpoint_config=ckpt_cfg, params=params,
+      step=step, references=_REFERENCES.value, out=_OUT.value,
+      quantizer_path=_QUANTIZER.value, process_index=_PROCESS_INDEX.value,
+      process_count=_PROCESS_COUNT.value, max_shards=_MAX_SHARDS.value,
+      verify_existing=_VERIFY_EXISTING.value, progress_every_s=_PROGRESS_EVERY_S.value)
   if not result.complete and _MAX_SHARDS.value is not None:
     print("m3jax encode-memory: stopped after --max_shards; rerun to continue")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(cli.run_module(sys.modules[__name__], sys.argv[1:]))

@@ -13,7 +13,10 @@ threshold with the question are dropped; default `data.eval_overlap_threshold`,
 2/3) is on by default and the number of references it dropped is reported;
 --unfiltered also runs the memory modes with it off. Prints a table and writes
 JSON to --output (default `<workdir>/eval/results-step<STEP>.json`, or
-`results.json` for a params directory without a step).
+`results.json` for a params directory without a step). --output is checked before
+anything is computed and rewritten after each finished task and mode (`complete`
+is true at the end), so a failure keeps every finished result and names the task
+and mode that failed.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import sys
 from absl import app
 from absl import flags
 
+from m3jax import cli
 from m3jax import commands
 from m3jax.evaluation import runner
 from m3jax.evaluation import tasks as tasks_lib
@@ -58,34 +62,30 @@ _OUTPUT = flags.DEFINE_string("output", None, "Results JSON path.")
 def main(argv: list[str]) -> None:
   commands.check_args(argv)
   checkpoint = _CHECKPOINT.value or _WORKDIR.value
-  try:
-    tasks = tasks_lib.parse_tasks(_TASK.value)
-    modes = [m.strip() for m in _MODES.value]
-    for m in modes:
-      if m not in gen_lib.MEMORY_MODES:
-        raise ValueError(f"--modes: unknown mode {m!r}; expected {gen_lib.MEMORY_MODES}")
-    if not checkpoint:
-      raise ValueError("pass --workdir (and/or --checkpoint)")
-    if _BATCH.value < 1 or _MAX_NEW.value < 1:
-      raise ValueError("--batch_size and --max_new_tokens must be >= 1")
-    inf = inference.open_inference(checkpoint, modes=modes, workdir=_WORKDIR.value,
-                                   data_dir=_DATA_DIR.value, index_dir=_INDEX.value,
-                                   bank_dir=_BANK.value, dtype=_DTYPE.value)
-    threshold = runner.filter_threshold(inf, _FILTER.value, _THRESHOLD.value)
-    data = tasks_lib.load_tasks(tasks, inf.data_root, _LIMIT.value)
-  except (ValueError, FileNotFoundError, KeyError) as e:
-    print(f"m3jax eval: error: {e}", file=sys.stderr)
-    sys.exit(1)
+  tasks = tasks_lib.parse_tasks(_TASK.value)
+  modes = [m.strip() for m in _MODES.value]
+  for m in modes:
+    if m not in gen_lib.MEMORY_MODES:
+      raise app.UsageError(f"--modes: unknown mode {m!r}; expected {gen_lib.MEMORY_MODES}")
+  if not checkpoint:
+    raise app.UsageError("pass --workdir (and/or --checkpoint)")
+  if _BATCH.value < 1 or _MAX_NEW.value < 1:
+    raise app.UsageError("--batch_size and --max_new_tokens must be >= 1")
+  inf = inference.open_inference(checkpoint, modes=modes, workdir=_WORKDIR.value,
+                                 data_dir=_DATA_DIR.value, index_dir=_INDEX.value,
+                                 bank_dir=_BANK.value, dtype=_DTYPE.value)
+  threshold = runner.filter_threshold(inf, _FILTER.value, _THRESHOLD.value)
+  out = runner.report_path(_OUTPUT.value, _WORKDIR.value or checkpoint, inf.step)
+  runner.check_output(out)
+  data = tasks_lib.load_tasks(tasks, inf.data_root, _LIMIT.value)
 
   log = lambda msg: print(msg, file=sys.stderr, flush=True)
   report = runner.evaluate_checkpoint(inf, data, modes, threshold=threshold,
                                       batch_size=_BATCH.value, max_new_tokens=_MAX_NEW.value,
-                                      unfiltered=_UNFILTERED.value, log=log)
+                                      unfiltered=_UNFILTERED.value, log=log, output=out)
   print(runner.format_table(report["results"]))
-  out = runner.report_path(_OUTPUT.value, _WORKDIR.value or checkpoint, inf.step)
-  runner.write_report(out, report)
   print(f"results: {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(cli.run_module(sys.modules[__name__], sys.argv[1:]))

@@ -23,7 +23,9 @@ import jax
 from absl import app
 from absl import flags
 
+from m3jax import cli
 from m3jax import commands
+from m3jax.core.progress import Progress
 from m3jax.inference import generate as gen_lib
 from m3jax.inference import session as inference
 
@@ -53,27 +55,27 @@ _OUTPUT = flags.DEFINE_string("output", None, "Also write {prompt, completion} J
 
 def main(argv: list[str]) -> None:
   commands.check_args(argv)
-  try:
-    prompts = gen_lib.read_prompts(_PROMPTS_FILE.value, _PROMPT.value)
-    sampling = gen_lib.Sampling(_TEMPERATURE.value, _TOP_P.value)
-    if _MAX_NEW.value < 1 or _BATCH.value < 1:
-      raise ValueError("--max_new_tokens and --batch_size must be >= 1")
-    mode = _MEMORY.value
-    inf = inference.open_inference(
-        _CHECKPOINT.value, modes=[mode], workdir=_WORKDIR.value, data_dir=_DATA_DIR.value,
-        index_dir=_INDEX.value, bank_dir=_BANK.value, overlap_threshold=_THRESHOLD.value,
-        dtype=_DTYPE.value)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"m3jax generate: error: {e}", file=sys.stderr)
-    sys.exit(1)
+  if not _CHECKPOINT.value:
+    raise app.UsageError("--checkpoint is required (a params dir, workdir or step dir)")
+  prompts = gen_lib.read_prompts(_PROMPTS_FILE.value, _PROMPT.value)
+  sampling = gen_lib.Sampling(_TEMPERATURE.value, _TOP_P.value)
+  if _MAX_NEW.value < 1 or _BATCH.value < 1:
+    raise app.UsageError("--max_new_tokens and --batch_size must be >= 1")
+  mode = _MEMORY.value
+  inf = inference.open_inference(
+      _CHECKPOINT.value, modes=[mode], workdir=_WORKDIR.value, data_dir=_DATA_DIR.value,
+      index_dir=_INDEX.value, bank_dir=_BANK.value, overlap_threshold=_THRESHOLD.value,
+      dtype=_DTYPE.value)
   textgen = gen_lib.TextGenerator(
       gen_lib.Generator(inf.config, inf.params), inf.tokenizer, mode,
       retrieval=inference.memory_retrieval(inf) if mode == "explicit" else None,
       retriever=inf.retriever, references=inf.references)
   filters = prompts if _THRESHOLD.value is not None else None
+  progress = Progress(len(prompts), desc="generate", unit="prompts",
+                      printer=lambda line: print(line, file=sys.stderr, flush=True))
   completions = textgen.complete(prompts, max_new_tokens=_MAX_NEW.value, sampling=sampling,
                                  key=jax.random.key(_SEED.value), batch_size=_BATCH.value,
-                                 filter_texts=filters)
+                                 filter_texts=filters, on_batch=progress.update)
   rows = []
   for i, (p, c) in enumerate(zip(prompts, completions)):
     print(f"=== [{i}] {mode} ===\n{p}\n--- completion ---\n{c.text}\n")
@@ -88,4 +90,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(cli.run_module(sys.modules[__name__], sys.argv[1:]))

@@ -20,12 +20,14 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from m3jax import cli
 from m3jax import commands
 from m3jax.core import config as config_lib
-from m3jax.retrieval import embedder as emb_lib
-from m3jax.retrieval import index as index_lib
-from m3jax.retrieval import neighbor_table
 from m3jax.retrieval import neighbors
+
+CONFIG_FIELDS = ("data.neighbors_per_chunk", "data.neighbor_candidates",
+                 "data.train_overlap_threshold", "data.exclude_same_doc",
+                 "data.neighbor_shard_size", "data.embedder")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -50,19 +52,14 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"--process_index={_PROCESS_INDEX.value} is not in "
                          f"[0, --process_count={_PROCESS_COUNT.value})")
   cfg = config_lib.validate(_CONFIG.value)
-  try:
-    manifest = neighbors.mine_workdir(
-        cfg, _WORKDIR.value, split=_SPLIT.value, params_dir=_PARAMS.value,
-        index_path=_INDEX.value, out=_OUT.value, process_index=_PROCESS_INDEX.value,
-        process_count=_PROCESS_COUNT.value, max_shards=_MAX_SHARDS.value)
-  except (config_lib.ConfigError, index_lib.IndexDirError, emb_lib.EmbedderError,
-          neighbor_table.NeighborTableError, FileNotFoundError, ValueError) as e:
-    print(f"m3jax mine-neighbors: error: {e}", file=sys.stderr)
-    sys.exit(1)
+  manifest = neighbors.mine_workdir(
+      cfg, _WORKDIR.value, split=_SPLIT.value, params_dir=_PARAMS.value,
+      index_path=_INDEX.value, out=_OUT.value, process_index=_PROCESS_INDEX.value,
+      process_count=_PROCESS_COUNT.value, max_shards=_MAX_SHARDS.value)
   print(json.dumps(dict(sequences=manifest["n_sequences"], shards=manifest["n_shards"],
                         chunks_per_sequence=manifest["chunks_per_sequence"],
                         embedder=manifest["inputs"]["embedder"]), indent=2))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(cli.run_module(sys.modules[__name__], sys.argv[1:]))

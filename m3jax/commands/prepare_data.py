@@ -12,16 +12,18 @@ from __future__ import annotations
 import json
 import sys
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from data_pipeline import corpus
 from data_pipeline import prepare
-from data_pipeline import tokenizer
+from m3jax import cli
 from m3jax import commands
 from m3jax.core import config as config_lib
 from m3jax.core import workspace
+
+CONFIG_FIELDS = ("data.corpus", "data.files", "data.kb_files", "data.tfds_name",
+                 "data.vocab_size", "data.workdir_data", "data.eval_fraction",
+                 "model.max_seq_len", "model.reference_length")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -31,12 +33,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; data goes to <wo
 def main(argv: list[str]) -> None:
   commands.check_args(argv, _CONFIG, _WORKDIR)
   cfg = config_lib.validate(_CONFIG.value)
-  try:
-    manifest = prepare.prepare_data(cfg, _WORKDIR.value)
-  except (config_lib.ConfigError, corpus.CorpusError, prepare.StageMismatchError,
-          tokenizer.TokenizerMismatchError, FileNotFoundError) as e:
-    print(f"m3jax prepare-data: error: {e}", file=sys.stderr)
-    sys.exit(1)
+  manifest = prepare.prepare_data(cfg, _WORKDIR.value)
   root = workspace.data_root(cfg, _WORKDIR.value)
   summary = dict(data=root, tokenizer=manifest["tokenizer"]["hash"][:12],
                  references=manifest["datasets"]["references"]["num_references"],
@@ -47,4 +44,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(cli.run_module(sys.modules[__name__], sys.argv[1:]))

@@ -15,6 +15,7 @@ import sys
 from absl import app
 from absl import flags
 
+from m3jax import cli
 from m3jax import commands
 from data_pipeline import corpus
 from data_pipeline import tokenizer as tok_lib
@@ -39,19 +40,15 @@ def main(argv: list[str]) -> None:
                       ("--out", _OUT.value)):
     if not value:
       raise app.UsageError(f"{flag} is required")
-  try:
-    files = corpus.expand_files(_INPUT.value, "--input")
-    texts = (text for _, text in corpus.iter_file_documents(
-        files, text_field=_TEXT_FIELD.value, txt_docs=_TXT_DOCS.value))
-    tok = tok_lib.train_tokenizer(texts, _OUT.value, vocab_size=_VOCAB.value,
-                                  model_type=_MODEL_TYPE.value,
-                                  max_sentences=_MAX_SENTENCES.value, seed=_SEED.value,
-                                  description=json.dumps(dict(files=files)))
-  except ValueError as e:  # CorpusError and training errors, each naming the file
-    print(f"m3jax tokenizer: error: {e}", file=sys.stderr)
-    sys.exit(1)
+  files = corpus.expand_files(_INPUT.value, "--input")
+  texts = (text for _, text in corpus.iter_file_documents(
+      files, text_field=_TEXT_FIELD.value, txt_docs=_TXT_DOCS.value))
+  tok = tok_lib.train_tokenizer(texts, _OUT.value, vocab_size=_VOCAB.value,
+                                model_type=_MODEL_TYPE.value,
+                                max_sentences=_MAX_SENTENCES.value, seed=_SEED.value,
+                                description=json.dumps(dict(files=files)))
   print(json.dumps(dict(model=tok.path, **tok.metadata()), indent=2))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(cli.run_module(sys.modules[__name__], sys.argv[1:]))

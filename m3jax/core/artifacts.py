@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from m3jax.core.errors import InputError
+
 _HASH_BLOCK = 1 << 22
 
 
@@ -44,6 +46,24 @@ def write_bytes(path: str, data: bytes) -> None:
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, path)
+
+
+def check_writable_dir(path: str, what: str) -> None:
+  """Creates `path` if needed and writes (then deletes) a probe file in it, so a job
+  refuses a read-only, full or foreign directory before it computes anything.
+
+  `what` names the setting the path came from (e.g. "--workdir"); the error says so.
+  """
+  probe = tmp_name(os.path.join(os.path.abspath(path), ".write-probe"))
+  try:
+    os.makedirs(path, exist_ok=True)
+    with open(probe, "wb"):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    reason = (e.strerror or str(e)).lower()
+    raise InputError(f"{what}={path} is not a writable directory ({reason}); choose a "
+                     "writable directory or fix its permissions") from e
 
 
 def json_bytes(obj: Any, indent: int = 2) -> bytes:
@@ -85,7 +105,7 @@ def read_json(path: str) -> Any:
     with open(path) as f:
       return json.load(f)
   except json.JSONDecodeError as e:
-    raise ValueError(f"{path} is not valid JSON ({e}); delete it to rebuild") from e
+    raise InputError(f"{path} is not valid JSON ({e}); delete it to rebuild") from e
 
 
 class UnsafePathError(ValueError):

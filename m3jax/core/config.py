@@ -19,9 +19,10 @@ from typing import Any, Sequence
 import ml_collections
 
 from m3jax.core import artifacts as atomic_io
+from m3jax.core import errors
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError, ValueError):
   """A config field is missing, unknown or inconsistent; the message names it."""
 
 
@@ -89,8 +90,8 @@ class ModelConfig:
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
-  def fingerprint(self) -> str:
-    """Stable hash of everything that changes a parameter tree or a memory.
+  def identity(self) -> dict[str, Any]:
+    """The fields that change a parameter tree or a memory (what `fingerprint` hashes).
 
     Compute dtype and remat do not change results' meaning and are left out,
     so a bank encoded in bf16 on GPU opens with the same model trained in f32.
@@ -98,7 +99,11 @@ class ModelConfig:
     d = self.to_dict()
     for k in ("dtype", "remat_policy", "max_seq_len", "init_std"):
       d.pop(k)
-    blob = json.dumps(d, sort_keys=True).encode()
+    return d
+
+  def fingerprint(self) -> str:
+    """Stable hash of `identity()`."""
+    blob = json.dumps(self.identity(), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 

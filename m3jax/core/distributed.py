@@ -27,6 +27,8 @@ from typing import Mapping, Sequence
 import jax
 from absl import flags
 
+from m3jax.core import errors
+
 ENV_COORDINATOR = "M3JAX_COORDINATOR"
 ENV_NUM_PROCESSES = "M3JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "M3JAX_PROCESS_ID"
@@ -34,7 +36,7 @@ ENV_LOCAL_DEVICE_IDS = "M3JAX_LOCAL_DEVICE_IDS"
 ENV_RENDEZVOUS = "M3JAX_RENDEZVOUS"
 
 
-class DistributedInitError(RuntimeError):
+class DistributedInitError(errors.UserError, RuntimeError):
   """Processes could not form a job; the message says who is missing and where."""
 
 

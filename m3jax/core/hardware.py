@@ -15,6 +15,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+from m3jax.core.errors import InputError
+
 # device_kind substring (lower case) -> dense bf16 FLOP/s per device (chip / GPU).
 PEAK_BF16_FLOPS = (
     ("h200", 989e12),
@@ -58,5 +60,5 @@ def peak_flops_per_device(override: float = 0.0, device: jax.Device | None = Non
       return flops, f"table ({device.device_kind}, dense bf16)"
   if device.platform == "cpu":
     return measured_matmul_flops(), "measured f32 matmul on this CPU"
-  raise ValueError(f"no peak FLOP/s known for device kind {device.device_kind!r}; set "
+  raise InputError(f"no peak FLOP/s known for device kind {device.device_kind!r}; set "
                    "config field `train.peak_flops_per_device`")

@@ -1,4 +1,4 @@
-"""One-line progress reports for long jobs (training, mining, encoding).
+"""One-line progress reports for long jobs (training, evaluation, mining, encoding).
 
     train: 1200/10000 steps (12.0%) | 3.41 steps/s | elapsed 5m52s | ETA 43m01s
 
@@ -95,11 +95,14 @@ class Progress:
     """The status line for the current state."""
     if self.total is not None:
       pct = 100.0 * self.done / self.total if self.total else 100.0
-      parts = [f"{self.desc}: {self.done}/{self.total} {self.unit} ({pct:.1f}%)"]
+      head = f"{self.desc}: {self.done}/{self.total} {self.unit} ({pct:.1f}%)"
     else:
-      parts = [f"{self.desc}: {self.done} {self.unit}"]
-    parts.append(format_rate(self.rate, self.unit))
-    parts.append(f"elapsed {format_duration(self.elapsed_s)}")
+      head = f"{self.desc}: {self.done} {self.unit}"
+    return f"{head} | {self.timing()}"
+
+  def timing(self) -> str:
+    """`3.41 steps/s | elapsed 5m52s | ETA 43m01s`: rate, elapsed time and ETA alone."""
+    parts = [format_rate(self.rate, self.unit), f"elapsed {format_duration(self.elapsed_s)}"]
     if self.total is not None:
       eta = self.eta_s
       parts.append(f"ETA {format_duration(eta) if eta is not None else '?'}")
@@ -119,11 +122,26 @@ class Progress:
       return None
     return self._report(now)
 
-  def _report(self, now: float) -> str | None:
+  def mark(self, done: int | None = None) -> str:
+    """Ends the report interval now without printing; returns `timing()` over it.
+
+    For a caller that prints its own line (a training log line carrying the ETA), so the
+    next periodic line comes `every_s` later. Marking right after a slow first step
+    (compilation) keeps that step out of the rate.
+    """
+    if done is not None:
+      self.done = int(done)
+    self._close_interval(self._clock())
+    return self.timing()
+
+  def _close_interval(self, now: float) -> None:
     span = now - self._mark_time
     if span > 0:
       self._rate = (self.done - self._mark_done) / span
     self._mark_time, self._mark_done = now, self.done
+
+  def _report(self, now: float) -> str | None:
+    self._close_interval(now)
     text = self.line()
     if self.enabled:
       self._printer(text)

@@ -29,11 +29,12 @@ from typing import Any, Callable
 import numpy as np
 
 from m3jax.core import artifacts
+from m3jax.core import errors
 
 STAGE_RECORD = "stage.json"  # inside a directory stage's output
 
 
-class StageChangedError(ValueError):
+class StageChangedError(errors.UserError, ValueError):
   """A finished stage was made with other settings (or is not a stage at all)."""
 
 

@@ -45,9 +45,11 @@ from data_pipeline import prepare as prepare_lib
 from m3jax.bench import decode as bench_decode
 from m3jax.core import artifacts
 from m3jax.core import config as config_lib
+from m3jax.core import errors
 from m3jax.core import metrics as metrics_lib
 from m3jax.core import stages as stages_lib
 from m3jax.core import workspace
+from m3jax.core.progress import format_duration
 from m3jax.demo import report
 from m3jax.demo.report import GROUPS, MODES
 from m3jax.evaluation import runner as eval_runner
@@ -85,7 +87,7 @@ DEFAULTS = dict(
 )
 
 
-class DemoError(RuntimeError):
+class DemoError(errors.UserError, RuntimeError):
   """A stage cannot run or its finished output does not match the config."""
 
 
@@ -219,6 +221,8 @@ class _Stages:
 
   def __init__(self, workdir: str, log: Callable[[str], None]):
     self.dir = os.path.join(workdir, STAGES_DIR)
+    self.log = log
+    self.t0 = time.perf_counter()
     self.runner = stages_lib.StageRunner(fmt=stages_lib.RECORDED_STAGE,
                                          on_change=stages_lib.rerun_on_change(log), log=log)
 
@@ -226,9 +230,15 @@ class _Stages:
   def records(self) -> dict[str, dict[str, Any]]:
     return self.runner.records
 
+  def announce(self, name: str) -> None:
+    """`[5/9] continual | elapsed 12m03s`: where the demo is and how long it has run."""
+    self.log(f"[{STAGES.index(name) + 1}/{len(STAGES)}] {name} | elapsed "
+             f"{format_duration(time.perf_counter() - self.t0)}")
+
   def run(self, name: str, settings: Any, fn: Callable[[], Any],
           done: Callable[[], bool]) -> dict[str, Any]:
     upstream = {k: r[stages_lib.RECORDED_STAGE.key] for k, r in self.records.items()}
+    self.announce(name)
     return self.runner.run(name, dict(settings=settings, upstream=upstream), fn,
                            record=os.path.join(self.dir, f"{name}.json"), done=done)
 
@@ -296,6 +306,7 @@ def run_demo(cfg: ml_collections.ConfigDict, workdir: str, *,
   runner.run("bench", bench_settings, lambda: _bench_stage(cont_cfg, workdir, s),
              lambda: os.path.exists(report.bench_file(workdir)))
 
+  runner.announce("summary")
   summary = report.build_summary(cont_cfg, workdir, runner.records, s)
   report.write_plots(workdir, summary)
   summary["plots"] = [os.path.join(workdir, p) for p in report.PLOTS]

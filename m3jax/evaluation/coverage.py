@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from m3jax.core.config import ModelConfig
+from m3jax.core.errors import InputError
 from m3jax.evaluation.scoring import split_continuation
 from m3jax.evaluation.text_metrics import group_means
 from m3jax.memory import encoder as encoder_lib
@@ -51,9 +52,9 @@ def answer_coverage(items: Sequence[Any], config: ModelConfig, params: Any, toke
                     retriever: Any, references: Any) -> dict[str, Any]:
   """Coverage metrics (module docstring) over QA items with .question, .answer, .group."""
   if retriever is None or references is None:
-    raise ValueError("kw_coverage needs an index (retriever) and the references")
+    raise InputError("kw_coverage needs an index (retriever) and the references")
   if not items:
-    raise ValueError("kw_coverage: no questions")
+    raise InputError("kw_coverage: no questions")
   got = retriever.retrieve([it.question for it in items],
                            filter_texts=[it.question for it in items])
   unique = np.unique(got.ids[got.ids >= 0])

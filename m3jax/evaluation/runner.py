@@ -18,7 +18,10 @@ import time
 from typing import Any, Callable, Protocol, Sequence
 
 from m3jax.core import artifacts
+from m3jax.core import errors
 from m3jax.core.config import ModelConfig
+from m3jax.core.errors import InputError
+from m3jax.core.progress import Progress
 from m3jax.evaluation import coverage
 from m3jax.evaluation.scoring import Scorer, score_exact_match, score_multiple_choice
 from m3jax.evaluation.tasks import JSONL_TASKS, TASKS
@@ -44,27 +47,40 @@ def _memory_retrieval(model: OpenedModel, mode: str,
   retrieval = None
   if mode == "explicit":
     if retriever is None or model.memory_source is None:
-      raise ValueError("memory mode 'explicit' needs an index (retriever) and a memory "
+      raise InputError("memory mode 'explicit' needs an index (retriever) and a memory "
                        "source (bank)")
     retrieval = schedule.MemoryRetrieval.for_model(
         model.config, retriever, model.memory_source,
         lambda ids: model.tokenizer.decode(ids), cache_queries=True)
   if mode == "rag" and (retriever is None or model.references is None):
-    raise ValueError("memory mode 'rag' needs an index (retriever) and the references")
+    raise InputError("memory mode 'rag' needs an index (retriever) and the references")
   return retrieval
 
 
+def work_units(task: str, data: Any) -> int:
+  """Sequences `run_task` scores or completes for a task (what its progress counts)."""
+  if task in JSONL_TASKS or task == "kw_mc":
+    return sum(len(item.choices) for item in data)
+  return len(data)
+
+
 def run_task(model: OpenedModel, task: str, data: Any, mode: str, *, retriever: Any = None,
-             batch_size: int = 8, max_new_tokens: int = 16) -> dict[str, Any]:
-  """One task in one memory mode; returns its metrics plus retrieval counts."""
+             batch_size: int = 8, max_new_tokens: int = 16,
+             on_scored: Callable[[int], None] | None = None) -> dict[str, Any]:
+  """One task in one memory mode; returns its metrics plus retrieval counts.
+
+  `on_scored(n)` is called as batches finish with the sequences they scored (of
+  `work_units(task, data)`); kw_coverage does not report.
+  """
   if task == "kw_coverage":
     if mode != "explicit":
-      raise ValueError(f"kw_coverage describes explicit memories; mode {mode!r} has none")
+      raise InputError(f"kw_coverage describes explicit memories; mode {mode!r} has none")
     return coverage.answer_coverage(data, model.config, model.params, model.tokenizer,
                                     retriever, model.references)
   retrieval = _memory_retrieval(model, mode, retriever)
   scorer = Scorer(model.config, model.params, model.tokenizer, mode, retrieval=retrieval,
-                  retriever=retriever, references=model.references, batch_size=batch_size)
+                  retriever=retriever, references=model.references, batch_size=batch_size,
+                  on_scored=on_scored)
   if task == "perplexity":
     nll, n = scorer.sequence_nll(data)
     result = perplexity_from(nll, n)
@@ -79,7 +95,8 @@ def run_task(model: OpenedModel, task: str, data: Any, mode: str, *, retriever: 
       done = textgen.complete([it.prompt for it in items], max_new_tokens=max_new_tokens,
                               batch_size=batch_size,
                               queries=[it.question for it in items],
-                              filter_texts=[it.question for it in items])
+                              filter_texts=[it.question for it in items],
+                              on_batch=on_scored)
       return [c.text for c in done]
 
     result = score_exact_match(complete, data)
@@ -87,7 +104,7 @@ def run_task(model: OpenedModel, task: str, data: Any, mode: str, *, retriever: 
     scorer.stats["rag_refs"] += textgen.stats["rag_refs"]
     scorer.stats["rag_dropped"] += textgen.stats["rag_dropped"]
   else:
-    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    raise InputError(f"unknown task {task!r}; expected one of {TASKS}")
   if mode == "explicit":
     st = retrieval.stats
     result["retrieval"] = dict(queries=st["queries"], searches=st["searches"], refs=st["refs"],
@@ -99,14 +116,28 @@ def run_task(model: OpenedModel, task: str, data: Any, mode: str, *, retriever: 
   return result
 
 
+class TaskModeError(errors.UserError):
+  """One task in one memory mode failed on bad input (e.g. a corrupt bank shard)."""
+
+  def __init__(self, task: str, mode: str, reason: str):
+    super().__init__(f"{task} / {mode} failed: {reason}")
+    self.task, self.mode, self.reason = task, mode, reason
+
+
 def run_all(model: OpenedModel, tasks: dict[str, Any], modes: Sequence[str], *,
             batch_size: int = 8, max_new_tokens: int = 16, unfiltered: bool = False,
-            log: Callable[[str], None] = print) -> dict[str, Any]:
+            log: Callable[[str], None] = print,
+            on_result: Callable[[str, str, dict[str, Any]], None] | None = None,
+            progress_every_s: float = 30.0) -> dict[str, Any]:
   """Every task in every mode; with `unfiltered`, memory modes again with the filter off.
 
   `batch_size`: sequences per forward / generation batch; `max_new_tokens`: answer
   tokens generated for kw_qa. Returns {task: {mode: metrics}}; unfiltered runs
-  appear as mode "<mode>/unfiltered".
+  appear as mode "<mode>/unfiltered". Each run logs a progress line (sequences done /
+  total, rate, elapsed, ETA) every `progress_every_s` seconds and when it ends.
+  `on_result(task, mode, metrics)` is called as
+  each one finishes (to save it at once). A user error in one run is raised as
+  `TaskModeError` naming the task and mode; a bug keeps its type, with a note.
   """
   sizes = dict(batch_size=batch_size, max_new_tokens=max_new_tokens)
   results: dict[str, Any] = {}
@@ -115,13 +146,27 @@ def run_all(model: OpenedModel, tasks: dict[str, Any], modes: Sequence[str], *,
     for mode in modes:
       if task == "kw_coverage" and mode != "explicit":
         continue
-      log(f"eval: {task} / {mode}")
-      results[task][mode] = run_task(model, task, data, mode, retriever=model.retriever,
-                                     **sizes)
+      runs = [(mode, model.retriever)]
       if unfiltered and mode != "none" and model.retriever is not None:
-        log(f"eval: {task} / {mode} (leakage filter off)")
-        results[task][f"{mode}/unfiltered"] = run_task(
-            model, task, data, mode, retriever=model.retriever.with_threshold(None), **sizes)
+        runs.append((f"{mode}/unfiltered", model.retriever.with_threshold(None)))
+      for name, retriever in runs:
+        log(f"eval: {task} / {name}" + (" (leakage filter off)" if "/" in name else ""))
+        progress = Progress(work_units(task, data), desc=f"eval: {task} / {name}",
+                            unit="seqs", every_s=progress_every_s, printer=log)
+        try:
+          result = run_task(model, task, data, mode, retriever=retriever,
+                            on_scored=progress.update, **sizes)
+          if task != "kw_coverage":
+            progress.close()
+        except Exception as e:
+          reason = errors.user_message(e)
+          if reason is None:
+            e.add_note(f"(while evaluating {task} / {name})")
+            raise
+          raise TaskModeError(task, name, reason) from e
+        results[task][name] = result
+        if on_result is not None:
+          on_result(task, name, result)
   return results
 
 
@@ -181,19 +226,57 @@ def filter_threshold(inf: Any, enabled: bool, threshold: float | None) -> float 
 def evaluate_checkpoint(inf: Any, data: dict[str, Any], modes: Sequence[str], *,
                         threshold: float | None, batch_size: int = 8,
                         max_new_tokens: int = 16, unfiltered: bool = False,
-                        log: Callable[[str], None] = print) -> dict[str, Any]:
+                        log: Callable[[str], None] = print,
+                        output: str | None = None) -> dict[str, Any]:
   """Sets the leakage filter to `threshold` (None: off), runs every task in every mode
   and returns the report: checkpoint, step, paths, modes, threshold, item counts,
-  seconds and results. `inf` is an m3jax.inference.session.Inference."""
+  seconds, results and `complete`. `inf` is an m3jax.inference.session.Inference.
+
+  With `output`, the report is rewritten there (atomically) after every finished task
+  and mode, so a later failure loses nothing computed: the file then holds
+  `complete: false`, the finished results and, for a user error, `failed` (task, mode,
+  error), and the raised `TaskModeError` says where the partial results are.
+  """
   if inf.retriever is not None:
     inf.retriever = inf.retriever.with_threshold(threshold)
   t0 = time.time()
-  results = run_all(inf, data, modes, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                    unfiltered=unfiltered and threshold is not None, log=log)
-  return dict(checkpoint=inf.paths["checkpoint"], step=inf.step, paths=inf.paths,
-              modes=list(modes), leakage_filter_threshold=threshold,
-              items={k: len(v) for k, v in data.items()},
-              seconds=round(time.time() - t0, 1), results=results)
+  report = dict(checkpoint=inf.paths["checkpoint"], step=inf.step, paths=inf.paths,
+                modes=list(modes), leakage_filter_threshold=threshold,
+                items={k: len(v) for k, v in data.items()}, seconds=0.0, results={},
+                complete=False)
+
+  def save(task: str, mode: str, result: dict[str, Any]) -> None:
+    report["results"].setdefault(task, {})[mode] = result
+    report["seconds"] = round(time.time() - t0, 1)
+    if output:
+      write_report(output, report)
+
+  try:
+    results = run_all(inf, data, modes, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                      unfiltered=unfiltered and threshold is not None, log=log, on_result=save)
+  except TaskModeError as e:
+    report["failed"] = dict(task=e.task, mode=e.mode, error=e.reason)
+    if not output:
+      raise
+    write_report(output, report)
+    finished = sum(len(v) for v in report["results"].values())
+    raise TaskModeError(e.task, e.mode, f"{e.reason} ({finished} finished task/mode results "
+                        f"kept in {output})") from e
+  except Exception as e:
+    if output and report["results"]:
+      e.add_note(f"(the finished task/mode results are kept in {output})")
+    raise
+  report.update(results=results, seconds=round(time.time() - t0, 1), complete=True)
+  if output:
+    write_report(output, report)
+  return report
+
+
+def check_output(path: str) -> None:
+  """Refuses an --output that cannot be written, before anything is computed."""
+  if os.path.isdir(path):
+    raise InputError(f"--output={path} is a directory; give a file path")
+  artifacts.check_writable_dir(os.path.dirname(os.path.abspath(path)), "--output")
 
 
 def report_path(output: str | None, base: str, step: int | None) -> str:

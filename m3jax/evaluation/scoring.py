@@ -146,7 +146,8 @@ class Scorer:
 
   def __init__(self, config: ModelConfig, params: Any, tokenizer: Any, mode: str, *,
                retrieval: schedule.MemoryRetrieval | None = None, retriever: Any = None,
-               references: Any = None, batch_size: int = 8, rag_separator: str = "\n"):
+               references: Any = None, batch_size: int = 8, rag_separator: str = "\n",
+               on_scored: Callable[[int], None] | None = None):
     if mode not in gen_lib.MEMORY_MODES:
       raise ValueError(f"memory mode {mode!r}: expected one of {gen_lib.MEMORY_MODES}")
     if mode == "explicit" and retrieval is None:
@@ -156,6 +157,7 @@ class Scorer:
     self.config, self.params, self.tokenizer, self.mode = config, params, tokenizer, mode
     self.retrieval, self.retriever, self.references = retrieval, retriever, references
     self.batch_size = batch_size
+    self.on_scored = on_scored  # called with the sequences each batch scored (progress)
     self.separator = rag_lib.encode_separator(tokenizer, rag_separator)
     self.stats = dict(rag_retrievals=0, rag_refs=0, rag_dropped=0)
     self._forward = _forward(config)
@@ -262,6 +264,8 @@ class Scorer:
         for m, i in enumerate(groups[c]):
           n = len(conts[i])
           out[i] = LLResult(float(lp[j, m, :n].sum()), n, bool(greedy[j, m, :n].all()))
+      if self.on_scored is not None:
+        self.on_scored(sum(len(groups[c]) for c in batch))
     return out  # type: ignore[return-value]
 
   def _score(self, seqs: list[list[int]], n_prompts: list[int], starts: list[int],
@@ -295,6 +299,8 @@ class Scorer:
         # Target seq[k] sits at input position k - 1.
         a, b = starts[i] - 1, len(seqs[i]) - 1
         out[i] = LLResult(float(lp[j, a:b].sum()), b - a, bool(greedy[j, a:b].all()))
+      if self.on_scored is not None:
+        self.on_scored(len(rows))
     return out  # type: ignore[return-value]
 
 

@@ -30,6 +30,7 @@ import numpy as np
 from data_pipeline import loader as loader_lib
 from data_pipeline import prepared
 from data_pipeline import tfds_builders
+from m3jax.core.errors import InputError
 
 TASKS = ("perplexity", "hellaswag", "arc", "boolq", "kw_qa", "kw_mc", "kw_coverage")
 JSONL_TASKS = ("hellaswag", "arc", "boolq")
@@ -69,14 +70,14 @@ def parse_tasks(specs: Sequence[str]) -> dict[str, str | None]:
     name, _, path = spec.partition("=")
     name = name.strip()
     if name not in TASKS:
-      raise ValueError(f"--task: unknown task {name!r}; expected one of {TASKS}")
+      raise InputError(f"--task: unknown task {name!r}; expected one of {TASKS}")
     if name in JSONL_TASKS and not path:
-      raise ValueError(f"--task: {name} needs a JSONL file: --task={name}=PATH")
+      raise InputError(f"--task: {name} needs a JSONL file: --task={name}=PATH")
     if name not in JSONL_TASKS and path:
-      raise ValueError(f"--task: {name} takes no file (got {path!r})")
+      raise InputError(f"--task: {name} takes no file (got {path!r})")
     out[name] = path or None
   if not out:
-    raise ValueError("--task: no tasks given")
+    raise InputError("--task: no tasks given")
   return out
 
 
@@ -89,12 +90,12 @@ def _read_jsonl(path: str) -> Iterable[tuple[int, dict[str, Any]]]:
         try:
           yield n, json.loads(line)
         except json.JSONDecodeError as e:
-          raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
+          raise InputError(f"{path}:{n}: not valid JSON ({e})") from e
 
 
 def _field(rec: dict[str, Any], name: str, where: str) -> Any:
   if name not in rec:
-    raise ValueError(f"{where}: missing field `{name}` (have {sorted(rec)})")
+    raise InputError(f"{where}: missing field `{name}` (have {sorted(rec)})")
   return rec[name]
 
 
@@ -133,10 +134,10 @@ def load_mc_jsonl(task: str, path: str, limit: int | None = None) -> list[MCItem
       elif isinstance(choices, list):
         texts, labels = [c["text"] for c in choices], [str(c["label"]) for c in choices]
       else:
-        raise ValueError(f"{where}: field `choices` must be {{text, label}} or a list")
+        raise InputError(f"{where}: field `choices` must be {{text, label}} or a list")
       key = str(_field(rec, "answerKey", where))
       if key not in labels:
-        raise ValueError(f"{where}: answerKey {key!r} is not among the labels {labels}")
+        raise InputError(f"{where}: answerKey {key!r} is not among the labels {labels}")
       items.append(MCItem(f"Question: {question}\nAnswer:", tuple(" " + t for t in texts),
                           labels.index(key), question))
     elif task == "boolq":
@@ -145,7 +146,7 @@ def load_mc_jsonl(task: str, path: str, limit: int | None = None) -> list[MCItem
       answer = _field(rec, "answer", where)
       if isinstance(answer, str):
         if answer.lower() not in ("true", "false", "yes", "no"):
-          raise ValueError(f"{where}: field `answer` must be a boolean, got {answer!r}")
+          raise InputError(f"{where}: field `answer` must be a boolean, got {answer!r}")
         answer = answer.lower() in ("true", "yes")
       q = question[0].upper() + question[1:] if question else question
       items.append(MCItem(f"{passage}\nQuestion: {q}?\nAnswer:", (" no", " yes"),
@@ -155,7 +156,7 @@ def load_mc_jsonl(task: str, path: str, limit: int | None = None) -> list[MCItem
     if limit and len(items) >= limit:
       break
   if not items:
-    raise ValueError(f"task file {path} holds no items")
+    raise InputError(f"task file {path} holds no items")
   return items
 
 
@@ -187,7 +188,7 @@ def load_knowledge_qa(data_root: str, limit: int | None = None,
     mc.append(MCItem(prompt, tuple(" " + options[j] for j in perm),
                      int(np.nonzero(perm == 0)[0][0]), question, group))
   if not qa:
-    raise ValueError(f"{path}: the eval split holds no questions")
+    raise InputError(f"{path}: the eval split holds no questions")
   return qa, mc
 
 

@@ -30,12 +30,13 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m3jax.core.errors import InputError
 from m3jax.model import kv_cache as decoding
 from m3jax.retrieval import schedule
 from m3jax.core.config import ModelConfig
@@ -53,9 +54,9 @@ class Sampling:
 
   def __post_init__(self):
     if not self.temperature >= 0.0:
-      raise ValueError(f"sampling temperature must be >= 0, got {self.temperature}")
+      raise InputError(f"sampling temperature must be >= 0, got {self.temperature}")
     if not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"sampling top_p must be in (0, 1], got {self.top_p}")
+      raise InputError(f"sampling top_p must be in (0, 1], got {self.top_p}")
 
   @property
   def greedy(self) -> bool:
@@ -114,10 +115,10 @@ def pad_prompts(prompts: Sequence[Sequence[int]], multiple: int, pad_id: int
                 ) -> tuple[np.ndarray, np.ndarray]:
   """Right-pads token lists to a multiple of `multiple`: (tokens [B, T], lengths [B])."""
   if not prompts:
-    raise ValueError("no prompts")
+    raise InputError("no prompts")
   lengths = np.array([len(p) for p in prompts], np.int32)
   if lengths.min() < 1:
-    raise ValueError(f"prompt {int(np.argmin(lengths))} is empty; a context starts with <s>")
+    raise InputError(f"prompt {int(np.argmin(lengths))} is empty; a context starts with <s>")
   t = _round_up(int(lengths.max()), multiple)
   tokens = np.full((len(prompts), t), pad_id, np.int32)
   for i, p in enumerate(prompts):
@@ -334,11 +335,13 @@ class TextGenerator:
                sampling: Sampling = Sampling(), key: jax.Array | None = None,
                batch_size: int = 16, queries: Sequence[str] | None = None,
                filter_texts: Sequence[str | None] | None = None,
-               stop_at_eos: bool = True) -> list[Completion]:
+               stop_at_eos: bool = True,
+               on_batch: Callable[[int], None] | None = None) -> list[Completion]:
     """Completions in prompt order.
 
     queries: RAG query per prompt (default: the prompt). filter_texts: what
     the leakage filter compares references with, per prompt (None: no filter).
+    on_batch: called with the number of prompts each finished batch completed.
     """
     n = len(prompts)
     contexts = self.contexts(prompts, queries, filter_texts)
@@ -356,6 +359,8 @@ class TextGenerator:
       for j, i in enumerate(rows):
         toks = got.tokens[j, :got.lengths[j]].tolist()
         out[i] = Completion(self.tokenizer.decode(toks), toks, bool(got.stopped_at_eos[j]))
+      if on_batch is not None:
+        on_batch(len(rows))
     return out  # type: ignore[return-value]
 
 
@@ -368,7 +373,7 @@ def read_prompts(path: str | None, inline: Sequence[str] = ()) -> list[str]:
   prompts = [p.replace("\\n", "\n") for p in inline]
   if path:
     if not os.path.isfile(path):
-      raise ValueError(f"--prompts_file={path} does not exist")
+      raise InputError(f"--prompts_file={path} does not exist")
     with open(path, encoding="utf-8") as f:
       for n, line in enumerate(f, 1):
         if not line.strip():
@@ -377,10 +382,10 @@ def read_prompts(path: str | None, inline: Sequence[str] = ()) -> list[str]:
           try:
             prompts.append(str(json.loads(line)["prompt"]))
           except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"--prompts_file={path}:{n}: expected a JSON object with a "
+            raise InputError(f"--prompts_file={path}:{n}: expected a JSON object with a "
                              f"\"prompt\" field ({e})") from e
         else:
           prompts.append(line.rstrip("\n").replace("\\n", "\n"))
   if not prompts:
-    raise ValueError("no prompts: pass --prompt=... or --prompts_file=...")
+    raise InputError("no prompts: pass --prompt=... or --prompts_file=...")
   return prompts

@@ -21,6 +21,7 @@ import ml_collections
 from data_pipeline import prepared
 from data_pipeline import tokenizer as tok_lib
 from m3jax.core import config as config_lib
+from m3jax.core import errors
 from m3jax.core import workspace
 from m3jax.core.config import ModelConfig
 from m3jax.memory import bank_format
@@ -32,7 +33,7 @@ from m3jax.retrieval import retriever as retriever_lib
 from m3jax.retrieval import schedule
 
 
-class InferenceSetupError(ValueError):
+class InferenceSetupError(errors.UserError, ValueError):
   """A path or artifact needed for inference is missing or mismatched (names the flag)."""
 
 

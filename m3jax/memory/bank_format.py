@@ -40,6 +40,7 @@ import ml_collections
 import numpy as np
 
 from m3jax.core import artifacts
+from m3jax.core import errors
 from m3jax.core.config import ConfigError, ModelConfig
 from m3jax.memory import codecs
 from m3jax.memory import pq as pq_lib
@@ -54,7 +55,7 @@ PENDING_DIR = "pending"
 VERIFY_MODES = ("none", "size", "touch", "full")
 
 
-class BankError(ValueError):
+class BankError(errors.UserError, ValueError):
   """A bank directory cannot be used; the message names the file or field."""
 
 

@@ -21,13 +21,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m3jax.core import errors
+
 METHODS = ("none", "int8", "pq")
 GROUPINGS = ("shared", "kv", "layer_kv", "layer_kv_head")
 
 MemoryShape = tuple[int, int, int, int, int]
 
 
-class QuantizerError(ValueError):
+class QuantizerError(errors.UserError, ValueError):
   """A quantizer file or setting does not fit the bank; the message says which."""
 
 

@@ -38,6 +38,7 @@ from data_pipeline import prepared
 from data_pipeline import references as references_lib
 from m3jax.core import artifacts
 from m3jax.core.config import ConfigError, model_config
+from m3jax.core.errors import InputError
 from m3jax.core.progress import Progress, format_duration
 from m3jax.memory import bank_format
 from m3jax.memory import bank_shards
@@ -97,7 +98,7 @@ def _check_inputs(encoder: ReferenceEncoder, references: Any,
     raise ConfigError(f"config field `model.reference_length`: {config.reference_length} < "
                       f"the references' length {references.reference_length}")
   if len(references) == 0:
-    raise ValueError("encode-memory: the reference store is empty")
+    raise InputError("encode-memory: the reference store is empty")
 
 
 def _process_share(process_index: int | None, process_count: int | None
@@ -106,7 +107,7 @@ def _process_share(process_index: int | None, process_count: int | None
   p = jax.process_index() if process_index is None else int(process_index)
   n_proc = jax.process_count() if process_count is None else int(process_count)
   if not 0 <= p < n_proc:
-    raise ValueError(f"process_index={p} is not in [0, process_count={n_proc})")
+    raise InputError(f"process_index={p} is not in [0, process_count={n_proc})")
   return p, n_proc, process_count is None and n_proc > 1
 
 
@@ -345,7 +346,7 @@ def open_reference_store(path: str) -> Any:
   if os.path.exists(manifest):
     fmt = bank_format.read_json(manifest).get("format")
     if fmt == bank_format.FORMAT:
-      raise ValueError(f"--references: {path} is a memory bank, not references")
+      raise InputError(f"--references: {path} is a memory bank, not references")
     return prepared.open_references(path)
   return references_lib.ReferenceStore(path)
 

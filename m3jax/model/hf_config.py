@@ -23,13 +23,14 @@ import sentencepiece as spm
 
 from configs import base
 from m3jax.core import config as config_lib
+from m3jax.core import errors
 from m3jax.core.config import ModelConfig
 
 HF_CONFIG = "config.json"
 REFERENCE_WORD = "Reference:"
 
 
-class ConversionError(ValueError):
+class ConversionError(errors.UserError, ValueError):
   """A checkpoint cannot be converted; the message names the file, field or tensor."""
 
 

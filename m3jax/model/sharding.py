@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from m3jax.core.config import ConfigError, ModelConfig
+from m3jax.core.errors import InputError
 from m3jax.model.transformer import Transformer
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -66,7 +67,7 @@ def make_mesh(cfg, devices: Sequence[jax.Device] | None = None, *,
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(cfg, len(devices)) if shape is None else tuple(int(n) for n in shape)
   if math.prod(shape) != len(devices):
-    raise ValueError(f"mesh shape {shape} needs {math.prod(shape)} devices, got {len(devices)}")
+    raise InputError(f"mesh shape {shape} needs {math.prod(shape)} devices, got {len(devices)}")
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
   return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
 

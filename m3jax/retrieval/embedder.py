@@ -27,10 +27,12 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from m3jax.core import errors
+
 STATE_VERSION = 1
 
 
-class EmbedderError(ValueError):
+class EmbedderError(errors.UserError, ValueError):
   """Bad embedder state or settings; the message names the file or field."""
 
 

@@ -35,6 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from m3jax.core import artifacts as atomic_io
+from m3jax.core import errors
 
 FORMAT = "m3jax-index"
 VERSION = 1
@@ -44,7 +45,7 @@ EMBEDDER_STATE = "embedder.npz"
 SEARCHER = "scann"
 
 
-class IndexDirError(ValueError):
+class IndexDirError(errors.UserError, ValueError):
   """A missing, corrupt or mismatched index directory; the message names it."""
 
 

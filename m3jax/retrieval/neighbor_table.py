@@ -27,14 +27,16 @@ import numpy as np
 
 from data_pipeline import prepared
 from m3jax.core import artifacts as atomic_io
+from m3jax.core import errors
 from m3jax.core import workspace
+from m3jax.core.errors import InputError
 
 FORMAT = "m3jax-neighbors"
 VERSION = 1
 MANIFEST = "manifest.json"
 
 
-class NeighborTableError(ValueError):
+class NeighborTableError(errors.UserError, ValueError):
   """A missing, incomplete or mismatched neighbor table; the message names it."""
 
 
@@ -57,12 +59,12 @@ class MiningSettings:
   def check(self) -> None:
     for name in ("chunk_length", "candidates", "neighbors_per_chunk", "shard_size"):
       if getattr(self, name) <= 0:
-        raise ValueError(f"neighbor mining: {name} must be positive, got {getattr(self, name)}")
+        raise InputError(f"neighbor mining: {name} must be positive, got {getattr(self, name)}")
     if self.neighbors_per_chunk > self.candidates:
-      raise ValueError(f"data.neighbors_per_chunk={self.neighbors_per_chunk} exceeds "
+      raise InputError(f"data.neighbors_per_chunk={self.neighbors_per_chunk} exceeds "
                        f"data.neighbor_candidates={self.candidates}")
     if not 0.0 <= self.overlap_threshold <= 1.0:
-      raise ValueError(f"data.train_overlap_threshold={self.overlap_threshold} is not in [0, 1]")
+      raise InputError(f"data.train_overlap_threshold={self.overlap_threshold} is not in [0, 1]")
 
   @classmethod
   def from_config(cls, cfg: Any, shard_size: int = 1024) -> "MiningSettings":

@@ -30,6 +30,7 @@ from data_pipeline import prepared
 from data_pipeline import tfds_builders
 from m3jax.core import artifacts as atomic_io
 from m3jax.core import workspace
+from m3jax.core.errors import InputError
 from m3jax.core.progress import Progress
 from m3jax.retrieval import index as index_lib
 from m3jax.retrieval import neighbor_table as table_lib
@@ -154,14 +155,14 @@ def mine_neighbors(out_dir: str, *, sequences: Any, decode: Callable[[list[np.nd
   index.check_embedder(embedder)
   n = len(sequences)
   if n == 0:
-    raise ValueError("mine_neighbors: no sequences")
+    raise InputError("mine_neighbors: no sequences")
   first = np.asarray(sequences[0:1])
   T = int(first.shape[-1])
   if T % settings.chunk_length:
-    raise ValueError(f"sequences have length {T}, not a multiple of chunk_length "
+    raise InputError(f"sequences have length {T}, not a multiple of chunk_length "
                      f"{settings.chunk_length} (model.chunk_length)")
   if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    raise InputError(f"process_index {process_index} not in [0, {process_count})")
   manifest = table_lib.table_manifest(n_sequences=n, seq_len=T, settings=settings, inputs=inputs)
   os.makedirs(out_dir, exist_ok=True)
   mpath = os.path.join(out_dir, table_lib.MANIFEST)

@@ -37,6 +37,7 @@ from etils import epath
 from orbax.checkpoint import future as ocp_future
 
 from m3jax.core import workspace
+from m3jax.core.errors import InputError
 from m3jax.model import params_io
 
 STATE_ITEM = params_io.STATE_ITEM
@@ -222,7 +223,7 @@ class Checkpointer:
     if cfg is not None and "keep" not in kwargs:
       keep = int(cfg.train.keep_checkpoints)
       if keep < 0:
-        raise ValueError(f"config field `train.keep_checkpoints`: {keep} must be >= 0 "
+        raise InputError(f"config field `train.keep_checkpoints`: {keep} must be >= 0 "
                          "(0 keeps every checkpoint)")
       kwargs["keep"] = keep or None
     return cls(workspace.checkpoint_dir(workdir), **kwargs)

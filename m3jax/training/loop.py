@@ -27,10 +27,13 @@ import numpy as np
 
 from data_pipeline import loader as loader_lib
 from data_pipeline import prepared
+from m3jax.core import artifacts
 from m3jax.core import config as config_lib
 from m3jax.core import hardware
 from m3jax.core import metrics as metrics_lib
 from m3jax.core import workspace
+from m3jax.core.progress import Progress
+from m3jax.core.errors import InputError
 from m3jax.model import costs
 from m3jax.model import params_io
 from m3jax.model import sharding as sharding_lib
@@ -215,65 +218,95 @@ def evaluate(ctx: RunContext, params: Any, root: str, eval_plain: Callable,
 # ------------------------------------------------------------------------ state
 
 
+def model_diff(old: config_lib.ModelConfig, new: config_lib.ModelConfig) -> str:
+  """`model.a: x -> y; model.b: ...`: the fields that make two models different."""
+  return "; ".join(artifacts.dict_diff(old.identity(), new.identity(), "model."))
+
+
 def _load_init_params(cfg, ctx: RunContext) -> Any:
   """Parameters of `train.init_from` (warmup run), checked against this model."""
   path = cfg.train.init_from
+  if "://" not in path and not os.path.exists(path):
+    raise InputError(f"config field `train.init_from`: {path} does not exist; give a "
+                     "finished warmup workdir, its checkpoints/ or a params directory")
   src_cfg, params, step = params_io.load_for_inference(path, shardings=ctx.state_shardings.params)
   src = config_lib.model_config(src_cfg)
   if src.fingerprint() != ctx.model_config.fingerprint():
-    raise ValueError(f"train.init_from={path!r}: its model config differs from this run's "
-                     f"(fingerprints {src.fingerprint()} vs {ctx.model_config.fingerprint()})")
+    raise InputError(f"config field `train.init_from`: {path} holds another model "
+                     f"({model_diff(src, ctx.model_config)}); match these model fields")
   _say(f"train: initialising parameters from {path} (step {step})")
   return params
 
 
-def _write_run_config(cfg, workdir: str) -> None:
-  """Saves the resolved config; refuses a workdir made for another model."""
+def check_run_config(cfg, workdir: str, has_checkpoint: bool) -> None:
+  """Refuses a workdir whose checkpoints belong to another model, naming each field.
+
+  `config.json` is written only after a run's first step (`write_run_config`), and a
+  workdir without a checkpoint holds nothing to resume: a failed first start never
+  pins the model, so a changed model is accepted there.
+  """
   path = workspace.config_file(workdir)
-  if os.path.exists(path):
-    old = config_lib.model_config(config_lib.config_from_json(path))
-    new = config_lib.model_config(cfg)
-    if old.fingerprint() != new.fingerprint():
-      raise ValueError(f"{workdir} holds a run of another model ({path}); use a new --workdir")
+  if not (has_checkpoint and os.path.exists(path)):
+    return
+  old = config_lib.model_config(config_lib.config_from_json(path))
+  new = config_lib.model_config(cfg)
+  if old.fingerprint() != new.fingerprint():
+    raise InputError(f"--workdir={workdir} holds checkpoints of another model "
+                     f"({model_diff(old, new)}); use a new --workdir, or the same model "
+                     "fields to resume it")
+
+
+def write_run_config(cfg, workdir: str) -> None:
+  """Saves the resolved config as `config.json` (process 0)."""
   if jax.process_index() == 0:
-    config_lib.save_config(cfg, path)
+    config_lib.save_config(cfg, workspace.config_file(workdir))
+
+
+def _initial_state(cfg, ctx: RunContext, workdir: str, checkpointer, loader) -> Any:
+  """The newest checkpoint's state (and data position), else a fresh or `init_from` state."""
+  latest = checkpointer.latest_step()
+  check_run_config(cfg, workdir, has_checkpoint=latest is not None)
+  if latest is not None:
+    restored = checkpointer.restore(latest, _abstract_with_shardings(ctx))
+    if restored.data_state is not None:
+      loader.set_state(restored.data_state)
+    _say(f"train: resumed from {checkpointer.step_dir(latest)}")
+    return restored.state
+  params = _load_init_params(cfg, ctx) if cfg.train.init_from else None
+  state = init_state(ctx, jax.random.key(int(cfg.seed)), params)
+  if ctx.mesh.shape["fsdp"] * ctx.mesh.shape["tensor"] > 1:  # data-parallel replicates
+    sharding_lib.check_sharded(state.params)
+  return state
 
 
 # ------------------------------------------------------------------------ loop
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None = None,
-          stop_after: int | None = None) -> dict[str, float]:
+          stop_after: int | None = None, progress_every_s: float = 30.0) -> dict[str, float]:
   """Trains until `train.steps` (or `max_steps`); returns the last logged metrics.
 
   stop_after: leave after this many steps of THIS invocation (tests, time-boxed
-  jobs), checkpointing first as a preemption would.
+  jobs), checkpointing first as a preemption would. Every log line ends with the
+  rate, elapsed time and ETA; between log lines a `train: 1200/10000 steps ...` line
+  comes every `progress_every_s` seconds.
   """
   config_lib.validate(cfg)
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  _write_run_config(cfg, workdir)
+  artifacts.check_writable_dir(workdir, "--workdir")
   ctx = build_context(cfg)
   t = cfg.train
   total_steps = int(max_steps or t.steps)
   root = workspace.data_root(cfg, workdir)
 
+  loader = make_train_loader(ctx, root)  # missing data is refused before anything is written
   checkpointer = ckpt_lib.Checkpointer.for_workdir(workdir, cfg)
-  loader = make_train_loader(ctx, root)
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    restored = checkpointer.restore(latest, _abstract_with_shardings(ctx))
-    state = restored.state
-    if restored.data_state is not None:
-      loader.set_state(restored.data_state)
-    _say(f"train: resumed from {checkpointer.step_dir(latest)}")
-  else:
-    params = _load_init_params(cfg, ctx) if t.init_from else None
-    state = init_state(ctx, jax.random.key(int(cfg.seed)), params)
-    if ctx.mesh.shape["fsdp"] * ctx.mesh.shape["tensor"] > 1:  # data-parallel replicates
-      sharding_lib.check_sharded(state.params)
-
-  train_fn, eval_plain, eval_mem = compile_steps(ctx)
+  try:
+    state = _initial_state(cfg, ctx, workdir, checkpointer, loader)
+    train_fn, eval_plain, eval_mem = compile_steps(ctx)
+  except BaseException:
+    checkpointer.close()  # its background threads must not outlive a failed start
+    raise
   n_devices = jax.device_count()
   peak, peak_src = hardware.peak_flops_per_device(float(t.peak_flops_per_device))
   flops_per_token = costs.train_flops_per_token(
@@ -289,6 +322,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None
   guard = PreemptionGuard(sync_every=int(t.log_every)).install()
   step = int(jax.device_get(state.step))
   start_step, last_log_time, last_log_step = step, time.perf_counter(), step
+  progress = Progress(total_steps, desc="train", unit="steps", every_s=progress_every_s,
+                      initial=step, enabled=jax.process_index() == 0)
   logged: dict[str, float] = {}
   try:
     while step < total_steps:
@@ -300,6 +335,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None
       if step == start_step + 1:  # keep compilation out of the step-time figures
         jax.block_until_ready(m)
         last_log_time, last_log_step = time.perf_counter(), step
+        write_run_config(cfg, workdir)  # the run has started: its config now describes it
+        progress.mark(step)  # the rate and ETA leave compilation out
       if step % int(t.log_every) == 0 or step == total_steps:
         values = acc.fetch()  # waits for the device only here
         now = time.perf_counter()
@@ -316,7 +353,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None
              f"mfu {values['mfu']:.1%}" +
              (f" mem_share {values['memory_chunk_share']:.2f} mem_mass "
               f"{values.get('memory_attention_mass', float('nan')):.3f}"
-              if ctx.use_memory else ""))
+              if ctx.use_memory else "") + f" | {progress.mark(step)}")
+      else:
+        progress.set(step)
       if int(t.eval_every) and (step % int(t.eval_every) == 0 or step == total_steps):
         ev = evaluate(ctx, state.params, root, eval_plain, eval_mem)
         writer.write_scalars(step, ev)

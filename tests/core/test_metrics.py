@@ -109,3 +109,19 @@ def test_progress_open_ended_and_silent_when_disabled():
   assert p.update(2) == "encode: 2 refs | 2.0 s/ref | elapsed 4s"
   assert lines == []
   assert progress.format_duration(3725) == "1h02m05s"
+
+
+def test_progress_mark_starts_a_fresh_interval_without_printing():
+  now = [0.0]
+  lines = []
+  p = progress.Progress(100, desc="train", unit="steps", every_s=30, clock=lambda: now[0],
+                        printer=lines.append)
+  now[0] = 20.0
+  p.mark(1)  # a 20 s first step (compilation) ends the first interval
+  now[0] = 30.0
+  assert p.mark(11) == "1.00 steps/s | elapsed 30s | ETA 1m29s"  # 10 steps in 10 s
+  now[0] = 59.0
+  assert p.set(40) is None  # 29 s since the last mark: not due
+  now[0] = 60.0
+  assert p.set(41) == "train: 41/100 steps (41.0%) | 1.00 steps/s | elapsed 1m00s | ETA 59s"
+  assert lines == [p.line()]
