@@ -87,6 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
   d.tokenizer_model_type = "bpe"
   d.tokenizer_sample_chars = 200_000_000  # evenly spaced sample of train + KB text
   d.tokenizer_max_sentences = 10_000_000
+  d.chat_tokens = False  # add the chat role markers (data_pipeline/chat.py) when training it
   d.eval_fraction = 0.01  # documents held out (by index hash) for the eval-loss split
   d.eval_max_docs = 10_000
   d.eval_seed = 0
