@@ -72,6 +72,18 @@ def parse_messages(value: Any, where: str, *, field: str = "messages") -> list[M
   return out
 
 
+def as_messages(prompt: Any) -> list[Message]:
+  """A conversation from a string (one user turn), Messages, or role/content dicts."""
+  if isinstance(prompt, str):
+    return [Message("user", prompt)]
+  return [m if isinstance(m, Message) else Message(m["role"], m["content"]) for m in prompt]
+
+
+def query_text(messages: Sequence[Message]) -> str:
+  """The text a retriever reads for a conversation: its turns' contents, in order."""
+  return "\n".join(m.content for m in messages)
+
+
 def count_rounds(messages: Sequence[Message]) -> int:
   """Number of user turns (a round = a user turn and the reply that follows)."""
   return sum(m.role == "user" for m in messages)
@@ -95,7 +107,7 @@ class PreferencePair:
 
 def parse_chat_record(line: str, where: str) -> list[Message]:
   """One JSONL line of a chat file -> its messages (ChatFormatError names `where`)."""
-  rec = _json(line, where)
+  rec = parse_json_object(line, where)
   if "messages" not in rec:
     raise ChatFormatError(f"{where}: no `messages` field")
   msgs = parse_messages(rec["messages"], where)
@@ -106,7 +118,7 @@ def parse_chat_record(line: str, where: str) -> list[Message]:
 
 def parse_preference_record(line: str, where: str) -> PreferencePair:
   """One JSONL line of a preference file -> (prompt, chosen, rejected)."""
-  rec = _json(line, where)
+  rec = parse_json_object(line, where)
   for k in ("prompt", "chosen", "rejected"):
     if k not in rec:
       raise ChatFormatError(f"{where}: no `{k}` field (a preference record has prompt, "
@@ -121,7 +133,7 @@ def parse_preference_record(line: str, where: str) -> PreferencePair:
                         _reply(rec["rejected"], where, "rejected"))
 
 
-def _json(line: str, where: str) -> dict:
+def parse_json_object(line: str, where: str) -> dict:
   try:
     rec = json.loads(line)
   except json.JSONDecodeError as e:
@@ -177,6 +189,22 @@ def read_chats(paths: Sequence[str], *, max_rounds: int = 0
 def read_preferences(paths: Sequence[str]) -> list[PreferencePair]:
   return [parse_preference_record(line, where)
           for path in paths for where, line in iter_jsonl(path)]
+
+
+def read_chat_prompts(path: str | None, inline: Sequence[str] = ()) -> list[list[Message]]:
+  """Conversations to complete: inline user turns, and a file of user turns (one per
+  line) or JSONL lines with a `messages` list (ending with a user turn)."""
+  chats = [[Message("user", p.replace("\\n", "\n"))] for p in inline]
+  if path and path.endswith(".jsonl"):
+    for where, line in iter_jsonl(path):
+      rec = parse_json_object(line, where)
+      chats.append(parse_messages(rec.get("messages"), where))
+  elif path:
+    for where, line in iter_jsonl(path):
+      chats.append([Message("user", line.rstrip("\n").replace("\\n", "\n"))])
+  if not chats:
+    raise ChatFormatError("no prompts: pass --prompt=... or --prompts_file=...")
+  return chats
 
 
 class ChatTemplate:
