@@ -33,6 +33,7 @@ import os
 import time
 from typing import Any, Callable
 
+from data_pipeline import chat
 from data_pipeline import corpus as corpus_lib
 from data_pipeline import documents as documents_lib
 from data_pipeline import packing
@@ -124,6 +125,8 @@ def _tokenizer_stage(cfg: Any, root: str, specs: list[dict[str, Any]],
     settings = dict(kind="trained", vocab_size=d.vocab_size, model_type=d.tokenizer_model_type,
                     sample_chars=d.tokenizer_sample_chars,
                     max_sentences=d.tokenizer_max_sentences, documents=upstream)
+    if d.get("chat_tokens", False):  # recorded only when on: older workdirs stay reusable
+      settings["chat_tokens"] = True
   if os.path.isfile(sidecar):
     tok = tok_lib.Tokenizer.load(model)
     with open(sidecar) as f:
@@ -152,7 +155,9 @@ def _tokenizer_stage(cfg: Any, root: str, specs: list[dict[str, Any]],
     tok = tok_lib.train_tokenizer(texts, prefix + ".training", vocab_size=d.vocab_size,
                                   model_type=d.tokenizer_model_type,
                                   max_sentences=d.tokenizer_max_sentences,
-                                  description=json.dumps(settings, sort_keys=True))
+                                  description=json.dumps(settings, sort_keys=True),
+                                  control_symbols=(chat.CONTROL_PIECES
+                                                   if settings.get("chat_tokens") else ()))
     with open(prefix + ".training.json") as f:
       meta = json.load(f)
     os.replace(prefix + ".training.model", model)

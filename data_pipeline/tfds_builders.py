@@ -23,6 +23,10 @@ empty `tmp*tfds` directory in the temporary directory each time).
   m3jax_references  split train: ref_id, doc_id, doc_key, piece, tokens [None] int32, text
   m3jax_packed      splits train, validation: tokens [T] int32, next_token int32,
                     chunk_doc_keys [C] int64
+  m3jax_chat        splits train, validation: tokens, targets [T] int32, loss_mask [T]
+                    float32, neighbors [C] int32 (post-training, m3jax.training.chat_data)
+  m3jax_preferences splits train, validation: chosen_/rejected_ tokens, targets, loss_mask,
+                    neighbors [C] int32
 """
 
 from __future__ import annotations
@@ -113,7 +117,16 @@ class M3jaxPacked(_ShardedBuilder, skip_registration=True):
   """Packed training sequences: record i is sequence i (the loader's seq_index)."""
 
 
-BUILDERS = {cls.name: cls for cls in (M3jaxDocuments, M3jaxQa, M3jaxReferences, M3jaxPacked)}
+class M3jaxChat(_ShardedBuilder, skip_registration=True):
+  """Packed chat sequences: tokens, targets, loss_mask [T] and a reference id per chunk."""
+
+
+class M3jaxPreferences(_ShardedBuilder, skip_registration=True):
+  """Preference pairs: chosen_* and rejected_* sequences sharing reference ids per chunk."""
+
+
+BUILDERS = {cls.name: cls for cls in (M3jaxDocuments, M3jaxQa, M3jaxReferences, M3jaxPacked,
+                                      M3jaxChat, M3jaxPreferences)}
 
 
 def write_dataset(builder_cls: type[_ShardedBuilder], data_dir: str, *,

@@ -125,13 +125,16 @@ def _encodes_in_pieces(model_proto: bytes) -> bool:
 
 def train_tokenizer(texts: Iterable[str], out: str, *, vocab_size: int,
                     model_type: str = "bpe", max_sentences: int = 10_000_000,
-                    seed: int = 0, description: str = "") -> "Tokenizer":
+                    seed: int = 0, description: str = "",
+                    control_symbols: Sequence[str] = ()) -> "Tokenizer":
   """Trains a SentencePiece model on `texts` (documents) and writes `out`.model/.json.
 
   Deterministic: the same texts, settings and seed give byte-identical files.
   At most `max_sentences` training sentences (documents, or pieces of long ones)
   are used, drawn by SentencePiece's reservoir sampling (seeded) when the input has
-  more. The files are written atomically.
+  more. `control_symbols` (e.g. the chat role markers of data_pipeline.chat) get ids
+  after the fixed special ones; encoding text never produces them. The files are
+  written atomically.
   """
   if model_type not in MODEL_TYPES:
     raise InputError(f"tokenizer model_type {model_type!r}: must be one of {MODEL_TYPES}")
@@ -158,7 +161,8 @@ def train_tokenizer(texts: Iterable[str], out: str, *, vocab_size: int,
         sentence_iterator=sentences(), model_writer=proto, vocab_size=vocab_size,
         model_type=model_type, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
         pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
-        user_defined_symbols=[REFERENCE_SYMBOL, NEWLINE_SYMBOL], byte_fallback=True,
+        user_defined_symbols=[REFERENCE_SYMBOL, NEWLINE_SYMBOL, *control_symbols],
+        byte_fallback=True,
         normalization_rule_name="identity", remove_extra_whitespaces=False,
         split_digits=True, character_coverage=0.9995, input_sentence_size=max_sentences,
         shuffle_input_sentence=True, max_sentence_length=_MAX_SENTENCE_BYTES,
@@ -172,7 +176,7 @@ def train_tokenizer(texts: Iterable[str], out: str, *, vocab_size: int,
             if "Vocabulary size too high" in str(e) else "")
     raise InputError(f"training tokenizer {out}.model (vocab_size={vocab_size}, "
                      f"{counter['sentences']} training sentences){hint}: {e}") from e
-  data = proto.getvalue()
+  data = _as_control_pieces(proto.getvalue(), control_symbols)
   tok = Tokenizer(data, path=out + ".model")
   meta = tok.metadata()
   meta.update(model_type=model_type, training_sentences=counter["sentences"],
@@ -181,6 +185,23 @@ def train_tokenizer(texts: Iterable[str], out: str, *, vocab_size: int,
   atomic_io.write_bytes(out + ".model", data)
   atomic_io.write_json(out + ".json", meta)
   return tok
+
+
+def _as_control_pieces(model_proto: bytes, pieces: Sequence[str]) -> bytes:
+  """Turns user-defined `pieces` into control pieces (never produced from text).
+
+  SentencePiece numbers control symbols before user-defined ones; training them as
+  user-defined pieces after "Reference:" and "\n" and retyping them here keeps the
+  fixed ids 4 and 5 of the tokenizer contract.
+  """
+  if not pieces:
+    return model_proto
+  m = sentencepiece_model_pb2.ModelProto.FromString(model_proto)
+  wanted = set(pieces)
+  for p in m.pieces:
+    if p.piece in wanted:
+      p.type = sentencepiece_model_pb2.ModelProto.SentencePiece.CONTROL
+  return m.SerializeToString()
 
 
 def _strip_model_suffix(path: str) -> str:
@@ -298,6 +319,11 @@ class Tokenizer:
 
   def id_to_piece(self, i: int) -> str:
     return self._sp.id_to_piece(int(i))
+
+  def piece_to_id(self, piece: str) -> int | None:
+    """The id of `piece`, or None when the vocabulary lacks it."""
+    i = int(self._sp.piece_to_id(piece))
+    return i if self._sp.id_to_piece(i) == piece else None
 
   def piece_table(self) -> list[str]:
     return [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
