@@ -1,11 +1,15 @@
-"""`m3jax demo-posttrain --config=configs/demo.py --workdir=demo_workdir`: SFT and DPO.
+"""`m3jax demo-posttrain`: SFT and DPO of the demo's model, with their evidence table.
 
 Runs after `m3jax demo` on the same workdir: writes the knowledge world as chats,
 prepares the chat and preference datasets (each chunk's reference retrieved from
 the prompt), fine-tunes the continual checkpoint (train.stage=sft), aligns it with
 DPO (train.stage=dpo), and prints chat exact match per entity group with explicit
 memory and without, and held-out preference accuracy before and after DPO
-(m3jax/demo/posttrain.py). Also runnable as `python -m m3jax.commands.demo_posttrain`.
+(m3jax/demo/posttrain.py).
+
+  m3jax demo-posttrain --config=configs/demo.py --workdir=demo_workdir
+
+Also runnable as `python -m m3jax.commands.demo_posttrain`.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from m3jax import commands
 from m3jax.core import config as config_lib
 from m3jax.demo import posttrain
 
-CONFIG_FIELDS = ("demo.posttrain", "data.chat_tokens")
+CONFIG_FIELDS = ("data.chat_tokens", "train.dpo_beta", "train.chat_memory")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", "demo_workdir", "The workdir of `m3jax demo`.")

@@ -1,10 +1,11 @@
-"""`m3jax train`: warmup or continual training; resumes from --workdir by itself.
+"""`m3jax train`: warmup or continual training (or sft / dpo); resumes by itself.
 
   m3jax train --config=configs/demo.py --workdir=runs/demo
   m3jax train --config=configs/demo.py --workdir=runs/demo-c --config.train.stage=continual \\
       --config.train.init_from=runs/demo --config.data.workdir_data=runs/demo/data
 
-The stage comes from the config (`train.stage=warmup|continual`); a run resumes
+The stage comes from the config (`train.stage=warmup|continual|sft|dpo`; sft and
+dpo read the datasets of `m3jax prepare-chat`); a run resumes
 from the newest checkpoint in --workdir by itself. Multi-host: see WORKSPACE.md
 (`--coordinator_address/--num_processes/--process_id` or the M3JAX_* variables;
 automatic on Cloud TPU and SLURM).
