@@ -53,6 +53,7 @@ def get_config():
   d.vocab_size = 2048
   d.batch_size = 64
   d.pack_align_chunks = True
+  d.chat_tokens = True  # the chat role markers, for `make demo-posttrain`
   d.eval_fraction = 0.05
   d.knowledge_world = dict(seed=0, n_seen=100, n_memory_taught=3000, n_unseen=200,
                            paraphrases_seen=2, qa_per_entity=6, eval_questions_per_entity=2,
@@ -69,5 +70,9 @@ def get_config():
       continual=dict(steps=1000, warmup_steps=10, lr=2e-3, eval_every=250,
                      checkpoint_every=250),
       eval_limit=480, eval_batch_size=32, eval_max_new_tokens=12, perplexity_limit=48,
-      bench_batch=8, bench_prompt_len=128, bench_new_tokens=64, bench_runs=2))
+      bench_batch=8, bench_prompt_len=128, bench_new_tokens=64, bench_runs=2,
+      # `make demo-posttrain` (m3jax/demo/posttrain.py): SFT, then DPO, of the continual model.
+      posttrain=dict(sft=dict(steps=300, lr=1e-3, warmup_steps=10),
+                     dpo=dict(steps=100, lr=1e-4, warmup_steps=10, dpo_beta=0.1),
+                     eval_per_group=160)))
   return c
