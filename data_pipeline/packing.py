@@ -177,7 +177,10 @@ class PackShard:
                                                    num_threads=self.threads)):
         st["documents"] += 1
         st["tokens"] += len(ids)
-        for rec in packer.add(corpus_lib.doc_key(text), np.asarray(ids, np.int32)):
+        records = packer.add(corpus_lib.doc_key(text), np.asarray(ids, np.int32))
+        for rec in tfds_builders.document_records(  # at most len // T + 1 sequences
+            records, len(ids) // self.seq_len + 1, f"packing a {len(text):,}-character "
+            "document", "sequences"):
           yield k, rec
           k += 1
     for rec in packer.finish():

@@ -124,7 +124,8 @@ class ReferenceShard:
         pieces = split_document(ids, self.max_tokens, classes)
         st["split_documents"] += len(pieces) > 1
         st["max_doc_tokens"] = max(st["max_doc_tokens"], len(ids))
-        for p, piece in enumerate(pieces):
+        for p, piece in enumerate(tfds_builders.document_records(
+            pieces, len(pieces), f"references of document {doc_id}", "refs")):
           yield k, dict(ref_id=st["next_ref"], doc_id=doc_id, doc_key=key, piece=p,
                         tokens=piece, text=tok.decode(piece))
           st["next_ref"] += 1

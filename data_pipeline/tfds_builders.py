@@ -32,13 +32,20 @@ empty `tmp*tfds` directory in the temporary directory each time).
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from m3jax.core.progress import Progress
+
 VERSION = "1.0.0"
 ShardFn = Callable[[], Iterable[tuple[Any, dict[str, Any]]]]
+T = TypeVar("T")
+# One document giving at least this many records (references, packed sequences) reports
+# the progress of their writing: TFDS serializes ~1,000 records/s on one core, so the
+# records of a 45 MB document take minutes.
+LONG_DOCUMENT_RECORDS = 2000
 
 DOCUMENT_FEATURES = dict(text=tfds.features.Text(), source=tfds.features.Text())
 
@@ -127,6 +134,23 @@ class M3jaxPreferences(_ShardedBuilder, skip_registration=True):
 
 BUILDERS = {cls.name: cls for cls in (M3jaxDocuments, M3jaxQa, M3jaxReferences, M3jaxPacked,
                                       M3jaxChat, M3jaxPreferences)}
+
+
+def document_records(items: Iterable[T], total: int, desc: str, unit: str,
+                     every_s: float = 30.0, printer: Callable[[str], None] | None = None
+                     ) -> Iterator[T]:
+  """Yields the records of one document; with `total` >= LONG_DOCUMENT_RECORDS, prints a
+  progress line every `every_s` while the writer consumes them (and a last one if any)."""
+  if total < LONG_DOCUMENT_RECORDS:
+    yield from items
+    return
+  prog = Progress(total, desc=desc, unit=unit, every_s=every_s, printer=printer)
+  shown = False
+  for item in items:
+    yield item
+    shown |= prog.update() is not None
+  if shown:
+    prog.close()
 
 
 def write_dataset(builder_cls: type[_ShardedBuilder], data_dir: str, *,

@@ -147,3 +147,17 @@ def test_store_refuses_another_tokenizer(setup, tmp_path):
   other = tok_lib.train_tokenizer(setup["texts"][:20], str(tmp_path / "other"), vocab_size=512)
   with pytest.raises(tok_lib.TokenizerMismatchError, match="reference dataset"):
     store.check_tokenizer(other)
+
+
+def test_a_long_documents_records_report_progress_and_a_short_ones_do_not():
+  from data_pipeline import tfds_builders
+  lines = []
+  n = tfds_builders.LONG_DOCUMENT_RECORDS
+  got = list(tfds_builders.document_records(range(n), n, "references of document 7", "refs",
+                                            every_s=0.0, printer=lines.append))
+  assert got == list(range(n)) and len(lines) == n + 1
+  assert lines[-1].startswith(f"references of document 7: {n}/{n} refs (100.0%)")
+  lines.clear()
+  got = list(tfds_builders.document_records(range(n - 1), n - 1, "x", "refs", every_s=0.0,
+                                            printer=lines.append))
+  assert got == list(range(n - 1)) and lines == []
