@@ -16,6 +16,8 @@ h // group (Hugging Face `repeat_kv`).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from typing import NamedTuple, Sequence
 
@@ -44,16 +46,22 @@ def causal_mask(length: int) -> jax.Array:
   return jnp.tril(jnp.ones((length, length), dtype=bool))[None]
 
 
-class SlotMask(NamedTuple):
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["query_slots", "key_valid"],
+                   meta_fields=["diagonal"])
+@dataclasses.dataclass(frozen=True)
+class SlotMask:
   """A context mask stated by slots, never as a [Tq, S] array (linear in length).
 
   Query i sees key slot s iff s <= query_slots[i] and key_valid[s]: causal
   attention (query_slots = arange(T)), left padding (key_valid False on padding
   keys) and a decode step (query_slots = the token's cache slot) all fit.
   query_slots: [B or 1, Tq] int32; key_valid: [B or 1, S] bool or None (all valid).
+  diagonal (static): True when query_slots is known to be arange(Tq) with Tq == S,
+  i.e. plain causal self-attention, which fused kernels take as a flag.
   """
   query_slots: jax.Array
   key_valid: jax.Array | None = None
+  diagonal: bool = False
 
   def dense(self, n_keys: int) -> jax.Array:
     """The same mask as a [B or 1, Tq, S] bool array (what `attend` takes)."""
@@ -65,7 +73,7 @@ class SlotMask(NamedTuple):
 
 def causal_slot_mask(length: int, key_valid: jax.Array | None = None) -> SlotMask:
   """`causal_mask(length)` (and key padding) as a SlotMask."""
-  return SlotMask(jnp.arange(length, dtype=jnp.int32)[None], key_valid)
+  return SlotMask(jnp.arange(length, dtype=jnp.int32)[None], key_valid, diagonal=True)
 
 
 def full_memory_mask(memory_mask: jax.Array | None, memory_shape: Sequence[int]) -> jax.Array:

@@ -66,7 +66,7 @@ def _pad_mask(mask, st: _Static):
     valid = mask.key_valid
     if valid is not None:
       valid = jnp.pad(valid.astype(bool), [(0, 0), (0, s_p - st.n_keys)])
-    return SlotMask(slots, valid)
+    return SlotMask(slots, valid, mask.diagonal)
   mask = jnp.asarray(mask, bool)
   return jnp.pad(mask, [(0, 0), (0, tq_p - st.n_queries), (0, s_p - st.n_keys)])
 
@@ -132,6 +132,44 @@ def _chunk_rows(x, st: _Static, c: int):
   return _queries_to_chunks(jnp.moveaxis(x, 3, 1), st.query_offset, c, st.chunk_length)
 
 
+def memory_state(st: _Static, qg, memory: MemoryKV | None):
+  """The online softmax's state after the memory block: running max m, sum l [B, H_kv, G,
+  Tq] and unnormalised output [B, H_kv, G, Tq, d] (float32); empty without memory."""
+  b, tq, h_kv, g, d = qg.shape
+  if memory is None:
+    return (jnp.full((b, h_kv, g, tq), NEG, jnp.float32),
+            jnp.zeros((b, h_kv, g, tq), jnp.float32),
+            jnp.zeros((b, h_kv, g, tq, d), jnp.float32))
+  s_mem = _memory_logits(qg, memory, st, 1.0 / math.sqrt(d))
+  m0 = s_mem.max(-1)
+  p_mem = jnp.exp(s_mem - m0[..., None])
+  return m0, p_mem.sum(-1), _memory_weights_times(p_mem, memory.values, st, tq)
+
+
+def memory_backward(st: _Static, qg, memory: MemoryKV, m, l, d_out, delta):
+  """Gradients through the memory block given the final softmax statistics.
+
+  m, l: final running max and sum [B, H_kv, G, Tq] (l > 0); d_out [B, H_kv, G, Tq, d];
+  delta = sum(d_out * out, -1). Returns (d qg [B, Tq, H_kv, G, d] float32, MemoryKV of
+  d keys and d values, mask None).
+  """
+  tq, d = qg.shape[1], qg.shape[-1]
+  scale = 1.0 / math.sqrt(d)
+  c = memory.keys.shape[1]
+  s_mem = _memory_logits(qg, memory, st, scale)
+  p_mem = jnp.exp(s_mem - m[..., None]) / l[..., None]  # [B, H_kv, G, Tq, N]
+  pc = _chunk_rows(p_mem, st, c)  # [B, C, Lc, H_kv, G, N]
+  doc = _chunk_rows(d_out.astype(jnp.float32), st, c)  # [B, C, Lc, H_kv, G, d]
+  dp = jnp.einsum("bclkgd,bckmd->bclkgm", doc, memory.values.astype(jnp.float32))
+  ds = pc * (dp - _chunk_rows(delta[..., None], st, c))
+  qc = _chunk_rows(jnp.moveaxis(qg, 1, 3), st, c).astype(jnp.float32)
+  d_mem_v = jnp.einsum("bclkgm,bclkgd->bckmd", pc, doc)
+  d_mem_k = jnp.einsum("bclkgm,bclkgd->bckmd", ds, qc) * scale
+  d_mem = MemoryKV(d_mem_k.astype(memory.keys.dtype), d_mem_v.astype(memory.values.dtype), None)
+  dq_c = jnp.einsum("bclkgm,bckmd->bclkgd", ds, memory.keys.astype(jnp.float32)) * scale
+  return _chunks_to_queries(dq_c, st.query_offset, tq), d_mem
+
+
 # ---------------------------------------------------------------- forward
 
 
@@ -144,16 +182,7 @@ def _forward(st: _Static, qg, k, v, memory, mask):
   tq_p, s_p = _round_up(tq, bq), _round_up(st.n_keys, bk)
   nq, nk = tq_p // bq, s_p // bk
 
-  if memory is not None:
-    s_mem = _memory_logits(qg, memory, st, scale)
-    m0 = s_mem.max(-1)
-    p_mem = jnp.exp(s_mem - m0[..., None])
-    l0 = p_mem.sum(-1)
-    acc0 = _memory_weights_times(p_mem, memory.values, st, tq)
-  else:
-    m0 = jnp.full((b, h_kv, g, tq), NEG, jnp.float32)
-    l0 = jnp.zeros((b, h_kv, g, tq), jnp.float32)
-    acc0 = jnp.zeros((b, h_kv, g, tq, d), jnp.float32)
+  m0, l0, acc0 = memory_state(st, qg, memory)
   pad_q = [(0, 0)] * 3 + [(0, tq_p - tq)]
   m0, l0 = jnp.pad(m0, pad_q, constant_values=NEG), jnp.pad(l0, pad_q)
   acc0 = jnp.pad(acc0, pad_q + [(0, 0)])
@@ -208,23 +237,9 @@ def _backward(st: _Static, qg, k, v, memory, mask, out, m, l, d_out):
   d_out = d_out.astype(dt)  # [B, H_kv, G, Tq, d]
   delta = jnp.sum(d_out.astype(jnp.float32) * out, axis=-1)  # [B, H_kv, G, Tq]
 
-  d_mem = None
-  dqg_mem = jnp.zeros((b, h_kv, g, tq, d), jnp.float32)
+  d_mem, dqg_mem = None, 0.0
   if memory is not None:
-    c = memory.keys.shape[1]
-    s_mem = _memory_logits(qg, memory, st, scale)
-    p_mem = jnp.exp(s_mem - m[..., None]) / l_safe[..., None]  # [B, H_kv, G, Tq, N]
-    pc = _chunk_rows(p_mem, st, c)  # [B, C, Lc, H_kv, G, N]
-    doc = _chunk_rows(d_out.astype(jnp.float32), st, c)  # [B, C, Lc, H_kv, G, d]
-    dp = jnp.einsum("bclkgd,bckmd->bclkgm", doc, memory.values.astype(jnp.float32))
-    ds = pc * (dp - _chunk_rows(delta[..., None], st, c))
-    qc = _chunk_rows(jnp.moveaxis(qg, 1, 3), st, c).astype(jnp.float32)
-    d_mem_v = jnp.einsum("bclkgm,bclkgd->bckmd", pc, doc)
-    d_mem_k = jnp.einsum("bclkgm,bclkgd->bckmd", ds, qc) * scale
-    d_mem = MemoryKV(d_mem_k.astype(memory.keys.dtype), d_mem_v.astype(memory.values.dtype),
-                     None)
-    dq_c = jnp.einsum("bclkgm,bckmd->bclkgd", ds, memory.keys.astype(jnp.float32)) * scale
-    dqg_mem = jnp.moveaxis(_chunks_to_queries(dq_c, st.query_offset, tq), 1, 3)
+    dqg_mem, d_mem = memory_backward(st, qg, memory, m, l_safe, d_out, delta)
 
   pad_q = [(0, 0)] * 3 + [(0, tq_p - tq)]
   m_p = jnp.pad(m, pad_q, constant_values=NEG)
@@ -270,7 +285,7 @@ def _backward(st: _Static, qg, k, v, memory, mask, out, m, l, d_out):
   dq_acc = jnp.zeros((b, tq_p, h_kv, g, d), jnp.float32)
   dq_acc, (dk, dv) = jax.lax.scan(kv_block, dq_acc, jnp.arange(nk))
   unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape((b, s_p, h_kv, d))[:, :st.n_keys]
-  dqg = dq_acc[:, :tq] + jnp.moveaxis(dqg_mem, 3, 1)
+  dqg = dq_acc[:, :tq] + dqg_mem
   return (dqg.astype(qg.dtype), unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype), d_mem)
 
 

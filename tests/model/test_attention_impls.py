@@ -1,13 +1,18 @@
 """Every attention implementation that runs on CPU equals `attention.attend` (forward, grads)."""
 
+import dataclasses
 import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from m3jax.core.config import ConfigError, load_config, model_config
 from m3jax.model import attention as attn_lib
+from m3jax.model import attention_impls
 from m3jax.model.attention_blockwise import attend_blockwise
+from m3jax.model.transformer import Transformer, init_params
 
 B, D = 2, 8
 P, T, LC = 2, 37, 8  # prefix, context (last chunk partial), chunk length
@@ -136,3 +141,53 @@ def test_blockwise_temp_memory_grows_linearly():
   ratio = _grad_temp_bytes("blockwise", 2048) / _grad_temp_bytes("blockwise", 512)
   assert ratio < 4.5, ratio
   assert _grad_temp_bytes("reference", 2048) > 10 * _grad_temp_bytes("blockwise", 2048)
+
+
+# ---------------------------------------------------------------- selection by config
+
+
+def test_auto_picks_per_backend():
+  assert attention_impls.resolve("auto", "cpu") == "reference"
+  assert attention_impls.resolve("blockwise", "cpu") == "blockwise"
+  assert attention_impls.resolve("reference", "tpu") == "reference"
+
+
+def test_unknown_implementation_is_a_config_error(repo_root):
+  cfg = load_config(str(repo_root / "configs" / "tiny.py"))
+  cfg.model.attention_impl = "flash9"
+  with pytest.raises(ConfigError, match="model.attention_impl"):
+    model_config(cfg)
+  with pytest.raises(ValueError, match="model.attention_impl='flash9' is unknown; choose one"):
+    attention_impls.resolve("flash9", "cpu")
+
+
+@pytest.mark.slow  # two jitted model gradients: ~25 s of CPU
+def test_model_with_blockwise_attention_equals_reference(repo_root):
+  """The whole model (memories, prefix, padding mask) and its gradient, both ways."""
+  base = dataclasses.replace(model_config(load_config(str(repo_root / "configs" / "tiny.py"))),
+                             init_std=0.1, attention_block_q=16, attention_block_kv=8)
+  params = init_params(base, jax.random.key(0))
+  rng = np.random.default_rng(3)
+  b, t = 2, 2 * base.chunk_length
+  tokens = jnp.asarray(rng.integers(5, base.vocab_size, (b, t)), jnp.int32)
+  memories = jnp.asarray(rng.normal(size=(b, 2, base.memories_per_chunk) + base.memory_shape),
+                         jnp.float32)
+  memory_mask = jnp.asarray(rng.random((b, 2, base.memories_per_chunk)) > 0.3)
+  padding = jnp.asarray(np.arange(t)[None, :] >= np.array([[0], [3]]))  # left padding, row 1
+
+  def loss_and_grad(impl):
+    model = Transformer(dataclasses.replace(base, attention_impl=impl))
+
+    def loss(p):
+      logits = model.apply({"params": p}, tokens, memories=memories, memory_mask=memory_mask,
+                           attention_mask=padding)
+      return jnp.sum(jnp.where(padding[..., None], logits, 0.0) ** 2), logits
+
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+  (_, ref_logits), ref_grads = loss_and_grad("reference")
+  (_, logits), grads = loss_and_grad("blockwise")
+  np.testing.assert_allclose(np.where(padding[..., None], logits, 0),
+                             np.where(padding[..., None], ref_logits, 0), rtol=1e-4, atol=1e-4)
+  for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * float(np.abs(b).max()))
