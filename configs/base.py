@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.param_dtype = "float32"
   m.dtype = "float32"  # compute dtype; bfloat16 on accelerators
   m.remat_policy = "none"  # none | full | dots_saveable | dots_with_no_batch_dims
-  # auto | reference | blockwise (docs/model.md "Attention implementations")
+  # auto | reference | blockwise | cudnn | pallas_tpu (docs/model.md "Attention implementations")
   m.attention_impl = "auto"
   m.attention_block_q = 512  # blockwise: queries / keys per block (multiples of 128 for TPUs)
   m.attention_block_kv = 512

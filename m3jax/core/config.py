@@ -109,7 +109,7 @@ class ModelConfig:
 _REMAT = ("none", "full", "dots_saveable", "dots_with_no_batch_dims")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # see m3jax.model.dtypes
 # Attention implementations (m3jax.model.attention_impls): "auto" picks one per backend.
-ATTENTION_IMPLS = ("auto", "reference", "blockwise")
+ATTENTION_IMPLS = ("auto", "reference", "blockwise", "cudnn", "pallas_tpu")
 
 
 def _require(cond: bool, field: str, msg: str) -> None:

@@ -337,10 +337,16 @@ def attend_blockwise(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array |
   out = jnp.moveaxis(out, 3, 1).reshape(b, tq, h, d)  # [B, H_kv, G, Tq, d] -> [B, Tq, H, d]
   mass = None
   if memory is not None and return_memory_mass:
-    m, l, m_mem, l_mem = jax.lax.stop_gradient((m, l, m_mem, l_mem))
-    # Memory-token mass, as attention.attend reports it: 0 on prefix rows.
-    frac = l_mem * jnp.exp(m_mem - m) / jnp.where(l == 0, 1.0, l)
-    frac = jnp.where(jnp.arange(tq) >= query_offset, frac, 0.0)  # [B, H_kv, G, Tq]
-    heads = np.asarray(range(h_kv) if memory_heads is None else memory_heads)
-    mass = frac[:, heads].mean(axis=(1, 2))
+    mass = memory_mass((m, l, m_mem, l_mem), query_offset, memory_heads)
   return out, mass
+
+
+def memory_mass(stats, query_offset: int, memory_heads: Sequence[int] | None) -> jax.Array:
+  """Softmax mass on memory tokens [B, Tq] from the final and the memory block's (m, l)
+  [B, H_kv, G, Tq], averaged over the query heads of `memory_heads` (0 on prefix rows,
+  as `attention.attend` reports it). Not differentiable."""
+  m, l, m_mem, l_mem = jax.lax.stop_gradient(stats)
+  frac = l_mem * jnp.exp(m_mem - m) / jnp.where(l == 0, 1.0, l)
+  frac = jnp.where(jnp.arange(m.shape[-1]) >= query_offset, frac, 0.0)
+  heads = np.asarray(range(m.shape[1]) if memory_heads is None else memory_heads)
+  return frac[:, heads].mean(axis=(1, 2))

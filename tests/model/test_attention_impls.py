@@ -1,4 +1,5 @@
-"""Every attention implementation that runs on CPU equals `attention.attend` (forward, grads)."""
+"""Every attention implementation that runs on CPU equals `attention.attend` (forward, grads),
+and the implementation is chosen by config with a clear error where a kernel cannot run."""
 
 import dataclasses
 import functools
@@ -12,6 +13,7 @@ from m3jax.core.config import ConfigError, load_config, model_config
 from m3jax.model import attention as attn_lib
 from m3jax.model import attention_impls
 from m3jax.model.attention_blockwise import attend_blockwise
+from m3jax.model.attention_fused import attend_pallas_tpu
 from m3jax.model.transformer import Transformer, init_params
 
 B, D = 2, 8
@@ -38,15 +40,17 @@ def _arrays(h, h_kv, memory_heads, dtype=jnp.float32, seed=0, tq=P + T, s=P + T)
 
 
 def _run(impl, q, k, v, memory, mask, **kw):
-  fn = attn_lib.attend if impl == "reference" else functools.partial(attend_blockwise, **BLOCKS)
+  fn = {"reference": attn_lib.attend,
+        "blockwise": functools.partial(attend_blockwise, **BLOCKS),
+        "pallas_tpu": attend_pallas_tpu}[impl]
   return jax.jit(lambda *a: fn(*a, **kw))(q, k, v, mask, memory)
 
 
-def _assert_parity(q, k, v, memory, mask, rtol=2e-5, atol=2e-5, **kw):
+def _assert_parity(q, k, v, memory, mask, rtol=2e-5, atol=2e-5, impl="blockwise", **kw):
   """Outputs, memory mass and gradients (q, k, v, memory keys and values) agree."""
   want_mass = memory is not None
   ref, ref_mass = _run("reference", q, k, v, memory, mask, return_memory_mass=want_mass, **kw)
-  out, mass = _run("blockwise", q, k, v, memory, mask, return_memory_mass=want_mass, **kw)
+  out, mass = _run(impl, q, k, v, memory, mask, return_memory_mass=want_mass, **kw)
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
                              rtol=rtol, atol=atol)
   if want_mass:
@@ -60,7 +64,7 @@ def _assert_parity(q, k, v, memory, mask, rtol=2e-5, atol=2e-5, **kw):
   mk, mv = (None, None) if memory is None else (memory.keys, memory.values)
   argnums = (0, 1, 2) if memory is None else (0, 1, 2, 3, 4)
   grads_ref = jax.jit(jax.grad(lambda *a: loss("reference", *a), argnums))(q, k, v, mk, mv)
-  grads = jax.jit(jax.grad(lambda *a: loss("blockwise", *a), argnums))(q, k, v, mk, mv)
+  grads = jax.jit(jax.grad(lambda *a: loss(impl, *a), argnums))(q, k, v, mk, mv)
   for name, g, g_ref in zip("q k v mem_k mem_v".split(), grads, grads_ref):
     np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g_ref, np.float32),
                                rtol=rtol, atol=atol, err_msg=f"d{name}")
@@ -98,6 +102,20 @@ def test_blockwise_decode_step_shapes():
   out, _ = _run("blockwise", q, k, v, memory, attn_lib.SlotMask(slot[:, None]), chunk_length=1)
   ref, _ = _run("reference", q, k, v, memory, dense, chunk_length=1)
   np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.slow  # the TPU kernels interpreted on CPU: ~15 s of CPU
+@pytest.mark.parametrize("memory_heads", [(0, 1), None], ids=["memory", "no_memory"])
+def test_pallas_tpu_kernels_interpreted_equal_reference(memory_heads):
+  """Forward, memory mass and gradients of the Pallas TPU path (kernels run in
+  interpret mode), with GQA, masked memories, prefix rows and left padding."""
+  pltpu = pytest.importorskip("jax.experimental.pallas.tpu")
+  q, k, v, memory = _arrays(4, 2, memory_heads)
+  valid = np.ones((B, P + T), bool)
+  valid[0, P:P + 5] = False
+  with pltpu.force_tpu_interpret_mode():
+    _assert_parity(q, k, v, memory, attn_lib.causal_slot_mask(P + T, jnp.asarray(valid)),
+                   impl="pallas_tpu", query_offset=P, chunk_length=LC)
 
 
 def test_blockwise_bfloat16_compute():
@@ -148,8 +166,32 @@ def test_blockwise_temp_memory_grows_linearly():
 
 def test_auto_picks_per_backend():
   assert attention_impls.resolve("auto", "cpu") == "reference"
-  assert attention_impls.resolve("blockwise", "cpu") == "blockwise"
-  assert attention_impls.resolve("reference", "tpu") == "reference"
+  assert attention_impls.resolve("auto", "tpu") == "pallas_tpu"
+  assert attention_impls.resolve("auto", "gpu", "bfloat16") == "cudnn"
+  assert attention_impls.resolve("auto", "gpu", "float32") == "blockwise"
+  assert attention_impls.resolve("blockwise", "tpu") == "blockwise"
+  assert attention_impls.resolve("reference", "gpu") == "reference"
+
+
+@pytest.mark.parametrize("impl, backend", [("cudnn", "cpu"), ("pallas_tpu", "cpu"),
+                                           ("cudnn", "tpu"), ("pallas_tpu", "gpu")])
+def test_fused_kernel_on_the_wrong_backend_is_a_clear_error(impl, backend):
+  with pytest.raises(ValueError, match=rf"model.attention_impl='{impl}' needs a .* backend but "
+                                       rf"JAX's backend is '{backend}'; choose one of "
+                                       rf"auto, reference, blockwise"):
+    attention_impls.resolve(impl, backend)
+
+
+def test_cudnn_needs_half_precision_compute():
+  with pytest.raises(ValueError, match="model.attention_impl='cudnn' needs model.dtype"):
+    attention_impls.resolve("cudnn", "gpu", "float32")
+
+
+def test_model_on_cpu_rejects_a_gpu_kernel(repo_root):
+  cfg = dataclasses.replace(model_config(load_config(str(repo_root / "configs" / "tiny.py"))),
+                            attention_impl="cudnn")
+  with pytest.raises(ValueError, match="model.attention_impl='cudnn' needs a GPU backend"):
+    jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
 
 
 def test_unknown_implementation_is_a_config_error(repo_root):
