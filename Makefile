@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast demo install clean-venv
+.PHONY: test test-fast demo demo-posttrain install clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/m3jax demo --config=configs/demo.py --workdir=demo_workdir
+
+# SFT + DPO of the demo's model (after `make demo`; m3jax/demo/posttrain.py).
+demo-posttrain: demo
+	$(BIN)/m3jax demo-posttrain --config=configs/demo.py --workdir=demo_workdir
 
 clean-venv:
 	rm -rf $(VENV)

@@ -83,10 +83,17 @@ def get_config() -> ml_collections.ConfigDict:
   # or the training text itself (files / tfds).
   d.txt_docs = "blank_line"  # .txt documents: blank_line (blocks) | file (whole file)
   d.max_split_bytes = 256 << 20  # plain files larger than this are read in byte ranges
+  # A bad record in data.files / data.kb_files (invalid UTF-8 or JSON, no string text field):
+  # error (stop, naming file and line) | skip (print, count per file in the data manifest).
+  d.bad_records = "error"
   d.vocab_size = 8192
   d.tokenizer_model_type = "bpe"
   d.tokenizer_sample_chars = 200_000_000  # evenly spaced sample of train + KB text
   d.tokenizer_max_sentences = 10_000_000
+  d.chat_tokens = False  # add the chat role markers (data_pipeline/chat.py) when training it
+  d.chat_files = ml_collections.FieldReference(None, field_type=tuple)  # SFT chat JSONL
+  d.preference_files = ml_collections.FieldReference(None, field_type=tuple)  # DPO pairs JSONL
+  d.chat_max_rounds = 8  # chats with more user turns are dropped (counted); 0 = keep all
   d.eval_fraction = 0.01  # documents held out (by index hash) for the eval-loss split
   d.eval_max_docs = 10_000
   d.eval_seed = 0
@@ -127,7 +134,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- train
   t = c.train = ml_collections.ConfigDict()
-  t.stage = "warmup"  # warmup | continual
+  t.stage = "warmup"  # warmup | continual | sft | dpo
   t.use_memory = False  # True for continual; True in warmup = from-scratch ablation
   t.init_from = ""  # warmup checkpoint dir for the continual stage
   t.steps = 1000
@@ -149,4 +156,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.checkpoint_every = 200
   t.keep_checkpoints = 3
   t.peak_flops_per_device = 0.0  # 0 = from the device table
+  # Post-training (train.stage sft | dpo; docs/training.md "Post-training").
+  t.chat_memory = True  # sft/dpo read explicit memory (each chunk's retrieved reference)
+  t.dpo_beta = 0.01  # the paper's β
   return c

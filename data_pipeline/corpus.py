@@ -16,6 +16,10 @@ become several output shards; `.gz` files are one range each. Documents carry a
 Every problem is a `CorpusError` naming the file (and the byte offset and line for
 bad bytes or bad JSON): missing files, patterns that match nothing, unsupported
 extensions, invalid UTF-8, a missing or non-string text field, an empty corpus.
+A bad record (a JSON line that is not valid UTF-8 or JSON, or lacks a string text
+field; a .txt document with invalid UTF-8) is a `BadRecordError`; given `on_bad`,
+the readers hand each one's `BadRecord` to it and skip the record instead
+(`data.bad_records=skip`).
 
 A TFDS dataset prepared elsewhere is read in place with `tfds.data_source` through
 `TfdsDocuments`, which gives random access to the text of record i; our own
@@ -31,7 +35,7 @@ import hashlib
 import itertools
 import json
 import os
-from typing import Any, BinaryIO, Iterable, Iterator, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -44,6 +48,29 @@ DEFAULT_MAX_SPLIT_BYTES = 256 << 20
 
 class CorpusError(errors.UserError, ValueError):
   """Bad or missing input text; the message names the file (and position)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BadRecord:
+  """One unreadable record: its file, 1-based line, byte offset and why."""
+  path: str
+  line: int
+  offset: int
+  reason: str
+
+  def describe(self) -> str:
+    return f"{self.path}: line {self.line} (byte offset {self.offset}): {self.reason}"
+
+
+class BadRecordError(CorpusError):
+  """A record that cannot be read; `record` says where and why."""
+
+  def __init__(self, message: str, record: BadRecord):
+    super().__init__(message)
+    self.record = record
+
+
+BadRecordHandler = Callable[[BadRecord], None]
 
 
 def file_format(path: str) -> str:
@@ -123,28 +150,48 @@ def _open(path: str) -> BinaryIO:
   return open(path, "rb")
 
 
-def _line_number(path: str, offset: int) -> int:
-  """1-based line holding byte `offset` (only computed when reporting an error)."""
-  n, pos = 1, 0
-  with _open(path) as f:
-    while pos < offset:
-      block = f.read(min(1 << 20, offset - pos))
-      if not block:
-        break
-      n += block.count(b"\n")
-      pos += len(block)
-  return n
+class _LineNumbers:
+  """1-based line numbers of byte offsets of one file (only computed for bad records).
+
+  Offsets asked in increasing order are counted on from the previous one, so the
+  bad records of a file cost one read of it in all.
+  """
+
+  def __init__(self, path: str):
+    self.path, self._offset, self._line = path, 0, 1
+
+  def at(self, offset: int) -> int:
+    if offset < self._offset:
+      self._offset, self._line = 0, 1
+    with _open(self.path) as f:
+      f.seek(self._offset)
+      pos = self._offset
+      while pos < offset:
+        block = f.read(min(1 << 20, offset - pos))
+        if not block:
+          break
+        self._line += block.count(b"\n")
+        pos += len(block)
+    self._offset = offset
+    return self._line
 
 
-def _decode(path: str, offset: int, raw: bytes) -> str:
+def _bad(lines: _LineNumbers, offset: int, message: Callable[[int], str],
+         reason: str) -> BadRecordError:
+  """The error for a bad record at `offset`; `message(line)` is its text."""
+  line = lines.at(offset)
+  return BadRecordError(message(line), BadRecord(lines.path, line, offset, reason))
+
+
+def _decode(lines: _LineNumbers, offset: int, raw: bytes) -> str:
   try:
     return raw.decode("utf-8")
   except UnicodeDecodeError as e:
     bad = offset + e.start
-    gz = " (decompressed)" if path.lower().endswith(".gz") else ""
-    raise CorpusError(
-        f"{path}: invalid UTF-8 at byte offset {bad}{gz}, line {_line_number(path, bad)}: "
-        f"{raw[e.start:e.start + 8]!r} ({e.reason})") from None
+    gz = " (decompressed)" if lines.path.lower().endswith(".gz") else ""
+    what = f"{raw[e.start:e.start + 8]!r} ({e.reason})"
+    raise _bad(lines, bad, lambda line: f"{lines.path}: invalid UTF-8 at byte offset {bad}{gz}, "
+               f"line {line}: {what}", f"invalid UTF-8{gz}: {what}") from None
 
 
 def _prev_line_blank(f: BinaryIO, pos: int) -> bool:
@@ -183,56 +230,82 @@ def _past_end(split: FileSplit, offset: int) -> bool:
 
 
 def iter_split_documents(split: FileSplit, *, text_field: str = "text",
-                         txt_docs: str = "blank_line") -> Iterator[tuple[str, str]]:
-  """Yields (source, text) for the documents that start inside `split`."""
+                         txt_docs: str = "blank_line",
+                         on_bad: BadRecordHandler | None = None) -> Iterator[tuple[str, str]]:
+  """Yields (source, text) for the documents that start inside `split`.
+
+  A bad record raises `BadRecordError`, or, given `on_bad`, is handed to it and skipped.
+  """
   fmt = file_format(split.path)
   path = split.path
   if not os.path.isfile(path):
     raise CorpusError(f"input file {path} does not exist")
+  lines = _LineNumbers(path)
+
+  def bad(e: BadRecordError) -> None:
+    if on_bad is None:
+      raise e
+    on_bad(e.record)
+
   try:
     with _open(path) as f:
       if fmt == "jsonl":
-        yield from _jsonl_docs(f, split, text_field)
+        yield from _jsonl_docs(f, split, text_field, lines, bad)
       elif txt_docs == "file":
-        text = _decode(path, 0, f.read())
+        try:
+          text = _decode(lines, 0, f.read())
+        except BadRecordError as e:
+          bad(e)
+          return
         if text.strip():
           yield f"{path}@0", text
       else:
-        yield from _blank_line_docs(f, split)
+        yield from _blank_line_docs(f, split, lines, bad)
   except (OSError, EOFError, gzip.BadGzipFile) as e:
     if isinstance(e, FileNotFoundError):
       raise CorpusError(f"input file {path} does not exist") from e
     raise CorpusError(f"{path}: cannot read: {e}") from e
 
 
-def _jsonl_docs(f: BinaryIO, split: FileSplit, field: str) -> Iterator[tuple[str, str]]:
-  path = split.path
+def _jsonl_text(raw: bytes, offset: int, field: str, lines: _LineNumbers) -> str | None:
+  """The text field of one JSON line (None: blank line or null text); BadRecordError."""
+  path = lines.path
+  line = _decode(lines, offset, raw).strip()
+  if not line:
+    return None
+  try:
+    obj = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise _bad(lines, offset, lambda n: f"{path}: invalid JSON at byte offset {offset}, line "
+               f"{n}: {e.msg}", f"invalid JSON: {e.msg}") from None
+  if not isinstance(obj, dict) or field not in obj:
+    keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+    raise _bad(lines, offset, lambda n: f"{path}: line {n} has no text field {field!r} "
+               f"(data.text_field); found {keys}", f"no text field {field!r}; found {keys}")
+  text = obj[field]
+  if text is not None and not isinstance(text, str):
+    what = f"field {field!r} is {type(text).__name__}, not a string"
+    raise _bad(lines, offset, lambda n: f"{path}: line {n}: {what}", what)
+  return text
+
+
+def _jsonl_docs(f: BinaryIO, split: FileSplit, field: str, lines: _LineNumbers,
+                bad: Callable[[BadRecordError], None]) -> Iterator[tuple[str, str]]:
   for offset, raw in _lines(f, split):
     if _past_end(split, offset):
       return
-    line = _decode(path, offset, raw).strip()
-    if not line:
-      continue
     try:
-      obj = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise CorpusError(f"{path}: invalid JSON at byte offset {offset}, line "
-                        f"{_line_number(path, offset)}: {e.msg}") from None
-    if not isinstance(obj, dict) or field not in obj:
-      keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-      raise CorpusError(f"{path}: line {_line_number(path, offset)} has no text field "
-                        f"{field!r} (data.text_field); found {keys}")
-    text = obj[field]
-    if text is None:
+      text = _jsonl_text(raw, offset, field, lines)
+    except BadRecordError as e:
+      bad(e)
       continue
-    if not isinstance(text, str):
-      raise CorpusError(f"{path}: line {_line_number(path, offset)}: field {field!r} is "
-                        f"{type(text).__name__}, not a string")
-    if text.strip():
-      yield f"{path}@{offset}", text
+    if text is not None and text.strip():
+      yield f"{split.path}@{offset}", text
 
 
-def _blank_line_docs(f: BinaryIO, split: FileSplit) -> Iterator[tuple[str, str]]:
+def _blank_line_docs(f: BinaryIO, split: FileSplit, lines_of: _LineNumbers,
+                     bad: Callable[[BadRecordError], None]) -> Iterator[tuple[str, str]]:
+  """Blank-line separated documents; one with a line of invalid UTF-8 is a bad record."""
   path = split.path
   lines: Iterator[tuple[int, bytes]] = _lines(f, split)
   if split.start > 0:
@@ -250,26 +323,38 @@ def _blank_line_docs(f: BinaryIO, split: FileSplit) -> Iterator[tuple[str, str]]
           break
   doc: list[str] = []
   doc_start = -1
+  error: BadRecordError | None = None
   for offset, raw in lines:
     if not raw.strip():
-      if doc:
+      if error is not None:
+        bad(error)
+      elif doc:
         yield f"{path}@{doc_start}", "\n".join(doc)
-        doc = []
+      doc, error = [], None
       continue
-    if not doc:
+    if not doc and error is None:
       if _past_end(split, offset):
         return
       doc_start = offset
-    doc.append(_decode(path, offset, raw).rstrip("\r\n"))
-  if doc:
+    if error is not None:
+      continue
+    try:
+      doc.append(_decode(lines_of, offset, raw).rstrip("\r\n"))
+    except BadRecordError as e:
+      error = e
+  if error is not None:
+    bad(error)
+  elif doc:
     yield f"{path}@{doc_start}", "\n".join(doc)
 
 
 def iter_file_documents(files: Sequence[str], *, text_field: str = "text",
-                        txt_docs: str = "blank_line") -> Iterator[tuple[str, str]]:
+                        txt_docs: str = "blank_line",
+                        on_bad: BadRecordHandler | None = None) -> Iterator[tuple[str, str]]:
   """All documents of `files` in order (no byte-range splitting)."""
   for path in files:
-    yield from iter_split_documents(FileSplit(path), text_field=text_field, txt_docs=txt_docs)
+    yield from iter_split_documents(FileSplit(path), text_field=text_field, txt_docs=txt_docs,
+                                    on_bad=on_bad)
 
 
 class TfdsDocuments:

@@ -5,29 +5,72 @@ stage's settings), `build_documents` writes local files and the knowledge world 
 `m3jax_documents` (splits train, kb) and, for the knowledge world, its questions into
 `m3jax_qa` (train, eval); a TFDS corpus is read in place. `doc_spec` is the opening
 spec (see `references.open_documents`) of the train or KB documents once built.
+
+With `data.bad_records=skip`, a bad record of a local file (see `corpus.BadRecord`) is
+skipped, printed (the first `SHOWN_BAD_RECORDS` per file) and counted per file in the
+stage info, which the data manifest copies (`datasets.documents.bad_records`).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from data_pipeline import corpus as corpus_lib
 from data_pipeline import knowledge_world as kw_lib
 from data_pipeline import tfds_builders
+from m3jax.core import artifacts
+
+
+BAD_RECORDS = ("error", "skip")
+SHOWN_BAD_RECORDS = 10  # printed per file
+LISTED_BAD_RECORDS = 100  # listed per file in the stage info / data manifest
+
+
+class BadRecords:
+  """Collects skipped bad records (`data.bad_records=skip`): counted per file, the first
+  SHOWN_BAD_RECORDS of a file printed, the first LISTED_BAD_RECORDS listed."""
+
+  def __init__(self, log: Callable[[str], None] = print):
+    self.files: dict[str, dict[str, Any]] = {}
+    self.log = log
+
+  def __call__(self, record: corpus_lib.BadRecord) -> None:
+    entry = self.files.setdefault(record.path, dict(count=0, records=[]))
+    entry["count"] += 1
+    if entry["count"] <= LISTED_BAD_RECORDS:
+      entry["records"].append(dict(line=record.line, offset=record.offset,
+                                   reason=record.reason))
+    if entry["count"] <= SHOWN_BAD_RECORDS:
+      self.log(f"skipping bad record: {record.describe()}")
+    elif entry["count"] == SHOWN_BAD_RECORDS + 1:
+      self.log(f"{record.path}: more bad records, not shown (all are counted in the data "
+               "manifest, datasets.documents.bad_records)")
+
+  @property
+  def total(self) -> int:
+    return sum(e["count"] for e in self.files.values())
+
+  def summary(self) -> dict[str, dict[str, Any]]:
+    """{file: {count, records (sorted by offset)}}, and one printed line per file."""
+    for path, e in sorted(self.files.items()):
+      e["records"].sort(key=lambda r: r["offset"])
+      self.log(f"skipped {e['count']} bad record(s) in {path}")
+    return {p: self.files[p] for p in sorted(self.files)}
 
 
 class _FileShard:
   """Shard generator: the documents starting in one byte range of one file."""
 
   def __init__(self, split: corpus_lib.FileSplit, text_field: str, txt_docs: str,
-               counts: dict[str, int]):
+               counts: dict[str, int], on_bad: BadRecords | None = None):
     self.split, self.text_field, self.txt_docs, self.counts = split, text_field, txt_docs, counts
+    self.on_bad = on_bad
 
   def __call__(self) -> Iterator[tuple[int, dict[str, str]]]:
     k = 0
     for source, text in corpus_lib.iter_split_documents(
-        self.split, text_field=self.text_field, txt_docs=self.txt_docs):
+        self.split, text_field=self.text_field, txt_docs=self.txt_docs, on_bad=self.on_bad):
       yield k, dict(text=text, source=source)
       k += 1
     self.counts[self.split.path] = self.counts.get(self.split.path, 0) + k
@@ -47,8 +90,11 @@ def _list_shards(rows: list[dict[str, Any]], per_shard: int) -> list[_ListShard]
 
 
 def _file_settings(files: list[str], d: Any, text_field: str) -> dict[str, Any]:
-  return dict(kind="files", files=[[f, os.path.getsize(f)] for f in files],
-              text_field=text_field, txt_docs=d.txt_docs, max_split_bytes=d.max_split_bytes)
+  out = dict(kind="files", files=[[f, os.path.getsize(f)] for f in files],
+             text_field=text_field, txt_docs=d.txt_docs, max_split_bytes=d.max_split_bytes)
+  if d.get("bad_records", "error") != "error":  # absent by default: old stages still match
+    out["bad_records"] = d.bad_records
+  return out
 
 
 def _tfds_settings(name: str, split: str, data_dir: str, text_field: str) -> dict[str, Any]:
@@ -84,9 +130,11 @@ def sources(cfg: Any) -> dict[str, dict[str, Any]]:
   return out
 
 
-def build_documents(cfg: Any, sources: dict[str, dict[str, Any]], tmp: str) -> dict[str, Any]:
+def build_documents(cfg: Any, sources: dict[str, dict[str, Any]], tmp: str,
+                    log: Callable[[str], None] = print) -> dict[str, Any]:
   """Writes the documents (and QA) datasets of `sources` into `tmp`; returns the stage info."""
   shards: dict[str, list] = {}
+  bad: dict[str, BadRecords] = {}
   info: dict[str, Any] = {}
   counts: dict[str, dict[str, int]] = {}
   world = None
@@ -100,10 +148,12 @@ def build_documents(cfg: Any, sources: dict[str, dict[str, Any]], tmp: str) -> d
     elif src["kind"] == "files":
       files = [f for f, _ in src["files"]]
       counts[split] = {}
+      if src.get("bad_records") == "skip":
+        bad[split] = BadRecords(log)
       splits = corpus_lib.plan_file_splits(files, txt_docs=src["txt_docs"],
                                            max_split_bytes=src["max_split_bytes"])
-      shards[split] = [_FileShard(s, src["text_field"], src["txt_docs"], counts[split])
-                       for s in splits]
+      shards[split] = [_FileShard(s, src["text_field"], src["txt_docs"], counts[split],
+                                  bad.get(split)) for s in splits]
   if shards:
     path = tfds_builders.write_dataset(
         tfds_builders.M3jaxDocuments, tmp, features=tfds_builders.DOCUMENT_FEATURES,
@@ -113,9 +163,13 @@ def build_documents(cfg: Any, sources: dict[str, dict[str, Any]], tmp: str) -> d
       if sizes.get(split, 0) == 0:
         what = {"train": "data.files", "kb": "data.kb_files"}[split]
         files = ", ".join(f for f, _ in sources[split].get("files", [])) or split
-        raise corpus_lib.CorpusError(f"{what}: empty corpus: no non-blank documents in {files}")
+        skipped = f" ({bad[split].total} bad records skipped)" if split in bad else ""
+        raise corpus_lib.CorpusError(
+            f"{what}: empty corpus: no non-blank documents in {files}{skipped}")
     info["documents"] = dict(path=os.path.relpath(path, tmp), splits=sizes,
                              documents_per_file=counts)
+    if bad:
+      info["documents"]["bad_records"] = {split: b.summary() for split, b in bad.items()}
   if world is not None:
     qa = {"train": world.train_questions, "eval": world.eval_questions}
     rows = {s: [dict(question=q.question, prompt=q.prompt, answer=q.answer,
@@ -140,5 +194,7 @@ def doc_spec(root: str, sources: dict[str, Any], docs: dict[str, Any], split: st
   if src["kind"] == "tfds":
     return dict(name=src["name"], split=src["split"], data_dir=src["data_dir"],
                 text_field=src["text_field"])
-  path = os.path.join(root, "documents", docs["info"]["documents"]["path"])
+  stage_dir = os.path.join(root, "documents")
+  path = artifacts.confined_path(stage_dir, docs["info"]["documents"].get("path"),
+                                 f"{stage_dir}/stage.json info.documents.path")
   return dict(path=path, split=split, text_field="text")

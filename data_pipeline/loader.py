@@ -104,6 +104,8 @@ class AddTargets(grain.MapTransform):
     self.pad_id = pad_id
 
   def map(self, rec: dict[str, Any]) -> dict[str, Any]:
+    if "next_token" not in rec:  # chat / preference records carry their targets and mask
+      return rec
     tokens = rec["tokens"]
     targets = np.concatenate([tokens[1:], np.asarray([rec.pop("next_token")], np.int32)])
     rec["targets"] = targets
@@ -225,6 +227,7 @@ class Loader:
     ops: list[Any] = [AddTargets(self.pad_id)]
     if self.with_references:
       ops.append(AddReferences(neighbors, references, self.n_chunks))
+    self._ops = ops
 
     order = grain.MapDataset.range(n)
     if self.shuffle:
@@ -280,6 +283,13 @@ class Loader:
     return self._globalise(batch)
 
   def _padding_rows(self, n: int) -> dict[str, np.ndarray]:
+    if "next_token" not in self.source[0]:  # records with their own fields: zeros like them
+      rec = self._ops[-1].map(self.source[0]) if self.with_references else self.source[0]
+      rows = {k: np.zeros((n,) + np.shape(v), np.asarray(v).dtype) for k, v in rec.items()}
+      rows["seq_index"][:] = -1
+      if "neighbors" in rows:
+        rows["neighbors"][:] = -1
+      return rows
     T = self.seq_len
     rows = dict(tokens=np.full((n, T), self.pad_id, np.int32),
                 seq_index=np.full((n,), -1, np.int32),

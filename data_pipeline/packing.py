@@ -187,12 +187,32 @@ class PackShard:
     st["padding_tokens"] += packer.padding
 
 
+def check_splittable(n_docs: int, *, eval_fraction: float, eval_max_docs: int, eval_seed: int,
+                     what: str) -> None:
+  """Refuses a training text whose every document would go to the validation split.
+
+  (With eval_seed=0, document 0 is always held out, so a one-document corpus has no
+  training text.) The message names the fields and what to change.
+  """
+  limit = heldout_limit(n_docs, eval_seed, eval_fraction, eval_max_docs)
+  held = int(np.count_nonzero(heldout_mask(0, limit, eval_seed, eval_fraction)))
+  if n_docs and held >= n_docs:
+    raise corpus_lib.CorpusError(
+        f"training text {what} is too small to split: all {n_docs} of its document(s) go to "
+        f"the validation split (data.eval_fraction={eval_fraction}, data.eval_seed="
+        f"{eval_seed}); give it more documents (documents are separated by a blank line in "
+        ".txt, one per line in .jsonl), or train on all of them without held-out loss: "
+        "--config.data.eval_fraction=0 --config.train.eval_every=0")
+
+
 def write_packed(data_dir: str, source_spec: dict[str, Any], tokenizer: Tokenizer, *,
                  seq_len: int, chunk_length: int, eval_fraction: float, eval_max_docs: int,
                  eval_seed: int, shard_docs: int = 20000, align_chunks: bool = False,
                  threads: int = -1, progress=None) -> tuple[str, dict[str, Any]]:
   """Packs the documents of `source_spec` into train/validation sequences."""
   n_docs = len(references_lib.open_documents(source_spec))
+  check_splittable(n_docs, eval_fraction=eval_fraction, eval_max_docs=eval_max_docs,
+                   eval_seed=eval_seed, what=references_lib.describe_spec(source_spec))
   limit = heldout_limit(n_docs, eval_seed, eval_fraction, eval_max_docs)
   stats = {s: dict(documents=0, tokens=0, sequences=0, padding_tokens=0)
            for s in ("train", "validation")}

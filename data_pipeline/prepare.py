@@ -33,6 +33,7 @@ import os
 import time
 from typing import Any, Callable
 
+from data_pipeline import chat
 from data_pipeline import corpus as corpus_lib
 from data_pipeline import documents as documents_lib
 from data_pipeline import packing
@@ -65,6 +66,8 @@ def validate_data_config(cfg: Any) -> None:
     raise _config_error("data.files", "data.corpus='files' needs a list of files or patterns")
   if d.corpus == "tfds" and not d.tfds_name:
     raise _config_error("data.tfds_name", "data.corpus='tfds' needs a dataset name")
+  if d.get("bad_records", "error") not in documents_lib.BAD_RECORDS:
+    raise _config_error("data.bad_records", f"must be one of {documents_lib.BAD_RECORDS}")
   if d.txt_docs not in corpus_lib.TXT_DOCS:
     raise _config_error("data.txt_docs", f"must be one of {corpus_lib.TXT_DOCS}")
   if d.tokenizer_model_type not in tok_lib.MODEL_TYPES:
@@ -122,6 +125,8 @@ def _tokenizer_stage(cfg: Any, root: str, specs: list[dict[str, Any]],
     settings = dict(kind="trained", vocab_size=d.vocab_size, model_type=d.tokenizer_model_type,
                     sample_chars=d.tokenizer_sample_chars,
                     max_sentences=d.tokenizer_max_sentences, documents=upstream)
+    if d.get("chat_tokens", False):  # recorded only when on: older workdirs stay reusable
+      settings["chat_tokens"] = True
   if os.path.isfile(sidecar):
     tok = tok_lib.Tokenizer.load(model)
     with open(sidecar) as f:
@@ -150,7 +155,9 @@ def _tokenizer_stage(cfg: Any, root: str, specs: list[dict[str, Any]],
     tok = tok_lib.train_tokenizer(texts, prefix + ".training", vocab_size=d.vocab_size,
                                   model_type=d.tokenizer_model_type,
                                   max_sentences=d.tokenizer_max_sentences,
-                                  description=json.dumps(settings, sort_keys=True))
+                                  description=json.dumps(settings, sort_keys=True),
+                                  control_symbols=(chat.CONTROL_PIECES
+                                                   if settings.get("chat_tokens") else ()))
     with open(prefix + ".training.json") as f:
       meta = json.load(f)
     os.replace(prefix + ".training.model", model)
@@ -159,6 +166,13 @@ def _tokenizer_stage(cfg: Any, root: str, specs: list[dict[str, Any]],
   meta["seconds"] = round(time.time() - t0, 2)
   atomic_io.write_json(sidecar, meta)
   return tok_lib.Tokenizer.load(model), settings
+
+
+def _describe_train(source: dict[str, Any], spec: dict[str, Any]) -> str:
+  """The user's name for the training text: data.files, else the TFDS source."""
+  if source.get("kind") == "files":
+    return "data.files (" + ", ".join(f for f, _ in source["files"]) + ")"
+  return references_lib.describe_spec(spec)
 
 
 def _unique(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -227,9 +241,13 @@ def _prepare(cfg: Any, mc: Any, root: str) -> dict[str, Any]:
     tok_lib.check_compatible(tok_lib.Tokenizer.load(d.tokenizer), mc)
   sources = documents_lib.sources(cfg)
   docs = run_stage(root, "documents", sources,
-                   lambda tmp: documents_lib.build_documents(cfg, sources, tmp))
+                   lambda tmp: documents_lib.build_documents(cfg, sources, tmp, log=_say))
   train_spec = documents_lib.doc_spec(root, sources, docs, "train")
   kb_spec = documents_lib.doc_spec(root, sources, docs, "kb")
+  packing.check_splittable(  # before the tokenizer and references: fail in seconds
+      len(references_lib.open_documents(train_spec)), eval_fraction=d.eval_fraction,
+      eval_max_docs=d.eval_max_docs, eval_seed=d.eval_seed,
+      what=_describe_train(sources["train"], train_spec))
 
   tok, tok_settings = _tokenizer_stage(cfg, root, [train_spec, kb_spec],
                                        docs["settings_hash"])

@@ -15,6 +15,7 @@ from data_pipeline import knowledge_world as kw_lib
 from data_pipeline import references as references_lib
 from data_pipeline import tfds_builders
 from data_pipeline import tokenizer as tok_lib
+from m3jax.core import artifacts
 from m3jax.core import workspace
 from m3jax.core.errors import InputError
 
@@ -40,13 +41,15 @@ def dataset_path(root: str, name: str) -> str:
   if name not in manifest["datasets"]:
     raise InputError(f"{root}/{MANIFEST} lists no dataset {name!r}; has "
                      f"{sorted(manifest['datasets'])}")
-  return os.path.join(root, manifest["datasets"][name]["path"])
+  return artifacts.confined_path(root, manifest["datasets"][name].get("path"),
+                                 f"{root}/{MANIFEST} datasets.{name}.path")
 
 
 def open_tokenizer(root: str) -> tok_lib.Tokenizer:
   """The data root's tokenizer, checked against the hash its manifest recorded."""
   manifest = load_manifest(root)
-  tok = tok_lib.Tokenizer.load(os.path.join(root, manifest["tokenizer"]["path"]))
+  tok = tok_lib.Tokenizer.load(artifacts.confined_path(
+      root, manifest["tokenizer"].get("path"), f"{root}/{MANIFEST} tokenizer.path"))
   tok_lib.check_tokenizer_hash(manifest["tokenizer"]["hash"], tok, f"{root}/{MANIFEST}")
   return tok
 

@@ -12,12 +12,21 @@ Written datasets are read back with `open_split(version_dir, split)` (or any
 `tfds.builder_from_directory(...).as_data_source(split)`), which needs only the
 directory: `dataset_info.json` + `features.json` describe it.
 
+Building one is quiet and leaves nothing behind: TFDS's "Downloading and preparing
+dataset" / "downloaded and prepared" lines (meant for downloads) are not printed, and
+the builder's info is never looked up in TFDS's GCS bucket (a lookup that leaves an
+empty `tmp*tfds` directory in the temporary directory each time).
+
   m3jax_documents   splits train, kb: text, source
   m3jax_qa          splits train, eval: question, prompt, answer, distractors, group,
                     entity_id, entity_name, attribute
   m3jax_references  split train: ref_id, doc_id, doc_key, piece, tokens [None] int32, text
   m3jax_packed      splits train, validation: tokens [T] int32, next_token int32,
                     chunk_doc_keys [C] int64
+  m3jax_chat        splits train, validation: tokens, targets [T] int32, loss_mask [T]
+                    float32, neighbors [C] int32 (post-training, m3jax.training.chat_data)
+  m3jax_preferences splits train, validation: chosen_/rejected_ tokens, targets, loss_mask,
+                    neighbors [C] int32
 """
 
 from __future__ import annotations
@@ -50,6 +59,13 @@ def packed_features(seq_len: int, chunk_length: int) -> dict[str, Any]:
                                                   dtype=np.int64))
 
 
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+  """The info of a dataset built here from local text: never on TFDS's GCS bucket."""
+
+  def initialize_from_bucket(self) -> None:
+    pass  # TFDS makes a temporary directory before asking GCS and never removes it
+
+
 class _ShardedBuilder(tfds.core.ShardBasedBuilder, skip_registration=True):
   """Writes given shard generators with given features.
 
@@ -69,7 +85,7 @@ class _ShardedBuilder(tfds.core.ShardBasedBuilder, skip_registration=True):
     super().__init__(file_format="array_record", **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
+    return _LocalDatasetInfo(
         builder=self, description=self._description,
         features=tfds.features.FeaturesDict(self._features), disable_shuffling=True,
         metadata=tfds.core.MetadataDict(self._metadata))
@@ -77,6 +93,12 @@ class _ShardedBuilder(tfds.core.ShardBasedBuilder, skip_registration=True):
   def _shard_iterators_per_split(self, dl_manager) -> dict[str, list[ShardFn]]:
     del dl_manager
     return self._shards
+
+  def _log_download_bytes(self) -> None:
+    pass  # "Downloading and preparing dataset Unknown size ...": nothing is downloaded
+
+  def _log_download_done(self) -> None:
+    pass  # "Dataset ... downloaded and prepared to ...": prepare-data reports its stages
 
 
 class M3jaxDocuments(_ShardedBuilder, skip_registration=True):
@@ -95,7 +117,16 @@ class M3jaxPacked(_ShardedBuilder, skip_registration=True):
   """Packed training sequences: record i is sequence i (the loader's seq_index)."""
 
 
-BUILDERS = {cls.name: cls for cls in (M3jaxDocuments, M3jaxQa, M3jaxReferences, M3jaxPacked)}
+class M3jaxChat(_ShardedBuilder, skip_registration=True):
+  """Packed chat sequences: tokens, targets, loss_mask [T] and a reference id per chunk."""
+
+
+class M3jaxPreferences(_ShardedBuilder, skip_registration=True):
+  """Preference pairs: chosen_* and rejected_* sequences sharing reference ids per chunk."""
+
+
+BUILDERS = {cls.name: cls for cls in (M3jaxDocuments, M3jaxQa, M3jaxReferences, M3jaxPacked,
+                                      M3jaxChat, M3jaxPreferences)}
 
 
 def write_dataset(builder_cls: type[_ShardedBuilder], data_dir: str, *,

@@ -42,7 +42,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build-index": ("m3jax.commands.build_index", "embed the references and build the ScaNN index"),
     "mine-neighbors": ("m3jax.commands.mine_neighbors",
                        "one overlap-filtered reference per training chunk"),
-    "train": ("m3jax.commands.train", "warmup or continual training (resumes by itself)"),
+    "train": ("m3jax.commands.train",
+              "warmup, continual, sft or dpo training (resumes by itself)"),
+    "prepare-chat": ("m3jax.commands.prepare_chat",
+                     "chat (SFT) and preference (DPO) datasets with retrieved references"),
     "encode-memory": ("m3jax.commands.encode_memory",
                       "encode every reference into the memory bank (resumable, multi-host)"),
     "bench encode": ("m3jax.commands.bench_encode", "reference encoding vs full forward tokens/s"),
@@ -52,6 +55,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
              "perplexity, multiple choice, knowledge QA in every memory mode"),
     "bench decode": ("m3jax.commands.bench_decode", "decode tokens/s: explicit memory vs none vs RAG"),
     "demo": ("m3jax.commands.demo", "whole pipeline on the knowledge world with its evidence table"),
+    "demo-posttrain": ("m3jax.commands.demo_posttrain",
+                       "SFT and DPO of the demo model, with chat accuracy and preference pairs"),
     "bench train": ("m3jax.commands.bench_train", "warmup vs continual step tokens/s and MFU"),
 }
 

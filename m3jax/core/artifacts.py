@@ -8,6 +8,8 @@ Manifests identify their inputs by hashes computed here, once:
   settings_hash        a JSON-able settings object (stage records, demo stages)
   content_digest       several parts (bytes or JSON-able), e.g. an embedder's state
   params_fingerprint   a parameter tree, from strided samples (cheap for GB trees)
+Every path a manifest names is opened through `confined_path`, so an edited or foreign
+manifest can never make a job read (or overwrite) a file outside the artifact's directory.
 """
 
 from __future__ import annotations
@@ -104,6 +106,35 @@ def read_json(path: str) -> Any:
       return json.load(f)
   except json.JSONDecodeError as e:
     raise InputError(f"{path} is not valid JSON ({e}); delete it to rebuild") from e
+
+
+class UnsafePathError(ValueError):
+  """A manifest names a path outside its own directory (absolute, `..`, or a symlink out)."""
+
+
+def confined_path(root: str, rel: Any, what: str) -> str:
+  """`root/rel`, refused unless `rel` is a relative path that stays inside `root`.
+
+  `rel` comes from a manifest (`what` names the manifest and field for the error): it
+  must be a non-empty string, not absolute, without a `..` component, and its real
+  path (symlinks resolved) must lie inside the real path of `root`. Returns the joined
+  (not resolved) path; the file need not exist.
+  """
+  if not isinstance(rel, str) or not rel or "\x00" in rel:
+    raise UnsafePathError(f"{what}: path {rel!r} is not a file name; rebuild the artifact")
+  parts = rel.replace(os.sep, "/").split("/")
+  if os.path.isabs(rel) or ".." in parts:
+    raise UnsafePathError(
+        f"{what}: path {rel!r} points outside {root} (absolute or with `..`); a manifest may "
+        "only name files inside its own directory: rebuild the artifact")
+  path = os.path.join(root, rel)
+  real_root = os.path.realpath(root)
+  real = os.path.realpath(path)
+  if real != real_root and os.path.commonpath([real_root, real]) != real_root:
+    raise UnsafePathError(
+        f"{what}: path {rel!r} resolves to {real}, outside {real_root} (a symlink out); a "
+        "manifest may only name files inside its own directory: rebuild the artifact")
+  return path
 
 
 def sha256_file(path: str) -> str:

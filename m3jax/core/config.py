@@ -107,6 +107,7 @@ class ModelConfig:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+TRAIN_STAGES = ("warmup", "continual", "sft", "dpo")
 _REMAT = ("none", "full", "dots_saveable", "dots_with_no_batch_dims")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # see m3jax.model.dtypes
 
@@ -176,8 +177,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(n_fill <= 1, "mesh", "at most one axis may be -1")
   if "train" in cfg:
     t = cfg.train
-    _require(t.stage in ("warmup", "continual"), "train.stage",
-             f"must be 'warmup' or 'continual', got {t.stage!r}")
+    _require(t.stage in TRAIN_STAGES, "train.stage",
+             f"must be one of {', '.join(TRAIN_STAGES)}, got {t.stage!r}")
     _require(t.schedule in ("wsd", "cosine", "constant"), "train.schedule",
              f"must be wsd, cosine or constant, got {t.schedule!r}")
     _require(t.steps > 0, "train.steps", "must be positive")

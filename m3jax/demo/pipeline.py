@@ -84,6 +84,7 @@ DEFAULTS = dict(
     bench_new_tokens=64,
     bench_runs=3,
     targets=dict(explicit_unseen_mc=0.60, none_unseen_margin=0.05),
+    posttrain={},  # SFT / DPO settings of `m3jax demo-posttrain` (m3jax/demo/posttrain.py)
 )
 
 

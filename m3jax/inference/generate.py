@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data_pipeline import chat as chat_lib
 from m3jax.core.errors import InputError
 from m3jax.model import kv_cache as decoding
 from m3jax.retrieval import schedule
@@ -299,11 +300,16 @@ class TextGenerator:
   prompt) and `references` (a store with tokens_by_ids); "none" needs neither.
   Prompts are encoded as `<s>` + tokens. Batches are sorted by length so that
   similar prompts share a compiled shape.
+
+  With a chat `template` (data_pipeline.chat.ChatTemplate), a prompt is a
+  conversation (a list of Messages, or a string = one user turn) rendered up to the
+  assistant marker, its query text is the conversation's text, and a reply ends
+  at `<|end|>`.
   """
 
   def __init__(self, generator: Generator, tokenizer: Any, mode: str, *,
                retrieval: schedule.MemoryRetrieval | None = None, retriever: Any = None,
-               references: Any = None, rag_separator: str = "\n"):
+               references: Any = None, rag_separator: str = "\n", template: Any = None):
     if mode not in MEMORY_MODES:
       raise ValueError(f"memory mode {mode!r}: expected one of {MEMORY_MODES}")
     if mode == "explicit" and retrieval is None:
@@ -313,13 +319,19 @@ class TextGenerator:
     self.generator, self.tokenizer, self.mode = generator, tokenizer, mode
     self.retrieval, self.retriever, self.references = retrieval, retriever, references
     self.separator = rag_lib.encode_separator(tokenizer, rag_separator)
+    self.template = template
     self.stats = dict(retrievals=0, rag_dropped=0, rag_refs=0)
 
   def contexts(self, prompts: Sequence[str], queries: Sequence[str] | None = None,
                filter_texts: Sequence[str | None] | None = None) -> list[list[int]]:
     """Context token ids per prompt (`<s>` + prompt; with RAG, the references first)."""
     bos = self.generator.config.bos_id
-    contexts = [[bos] + list(self.tokenizer.encode(p)) for p in prompts]
+    if self.template is not None:
+      chats = [chat_lib.as_messages(p) for p in prompts]
+      contexts = [self.template.prompt(c) for c in chats]
+      prompts = [chat_lib.query_text(c) for c in chats]
+    else:
+      contexts = [[bos] + list(self.tokenizer.encode(p)) for p in prompts]
     if self.mode == "rag":
       got = rag_lib.rag_contexts(self.retriever, self.references, contexts,
                                  list(queries) if queries is not None else list(prompts),
@@ -358,7 +370,10 @@ class TextGenerator:
       self.stats["retrievals"] += got.retrievals
       for j, i in enumerate(rows):
         toks = got.tokens[j, :got.lengths[j]].tolist()
-        out[i] = Completion(self.tokenizer.decode(toks), toks, bool(got.stopped_at_eos[j]))
+        stopped = bool(got.stopped_at_eos[j])
+        if self.template is not None and self.template.end_id in toks:
+          toks, stopped = toks[:toks.index(self.template.end_id)], True
+        out[i] = Completion(self.tokenizer.decode(toks), toks, stopped)
       if on_batch is not None:
         on_batch(len(rows))
     return out  # type: ignore[return-value]

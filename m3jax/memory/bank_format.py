@@ -332,7 +332,8 @@ def load_codec(root: str, meta: dict[str, Any], config: ModelConfig) -> codecs.M
   storage = meta["storage"]
   quantizer = None
   if storage["method"] == "pq":
-    path = os.path.join(root, storage.get("quantizer_file", QUANTIZER_FILE))
+    path = artifacts.confined_path(root, storage.get("quantizer_file", QUANTIZER_FILE),
+                                   f"bank {root}: storage.quantizer_file")
     if not os.path.exists(path):
       raise BankError(f"{path} not found: a pq bank needs its quantizer")
     digest = artifacts.sha256_file(path)

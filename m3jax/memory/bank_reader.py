@@ -23,7 +23,7 @@ from m3jax.memory.bank_format import (MANIFEST_FILE, SHARDS_DIR, SPEC_FILE, VERI
                                       BankError, CorruptShardError, IncompleteBankError,
                                       bank_settings, check_compatible, load_codec, read_json,
                                       record_dtype)
-from m3jax.memory.bank_shards import verify_shard
+from m3jax.memory.bank_shards import shard_path, verify_shard
 from m3jax.memory.source import LRUCache, MemorySource, check_ref_ids
 
 
@@ -142,7 +142,7 @@ class MemoryBank(MemorySource):
       if mm is not None:
         return mm
       info = self._shard_info(shard)
-      path = os.path.join(self.root, info["file"])
+      path = shard_path(self.root, info)
       if self.verify_mode == "touch" and shard not in self._touched:
         verify_shard(self.root, info, full=True)
         self._touched.add(shard)

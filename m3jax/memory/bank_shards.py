@@ -87,9 +87,14 @@ def shard_record(root: str, shard: int) -> dict[str, Any] | None:
   return read_json(side)
 
 
+def shard_path(root: str, info: dict[str, Any]) -> str:
+  """The file of a shard record (`info["file"]`), confined to the bank directory."""
+  return artifacts.confined_path(root, info.get("file"), f"bank {root}: shard file")
+
+
 def verify_shard(root: str, info: dict[str, Any], *, full: bool = True) -> None:
   """Raises CorruptShardError naming the file when its size (or sha256) is wrong."""
-  path = os.path.join(root, info["file"])
+  path = shard_path(root, info)
   if not os.path.exists(path):
     raise CorruptShardError(f"{path}: shard file missing")
   size = os.path.getsize(path)

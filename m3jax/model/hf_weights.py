@@ -33,6 +33,7 @@ import numpy as np
 from flax.core import meta
 from safetensors import safe_open
 
+from m3jax.core import artifacts
 from m3jax.core.config import ModelConfig
 from m3jax.model.hf_config import ConversionError, read_hf_json
 
@@ -74,7 +75,7 @@ def _weight_files(path: str) -> dict[str, str]:
       raise ConversionError(f"{index}: no `weight_map`")
     out = {}
     for name, fname in weight_map.items():
-      shard = os.path.join(path, fname)
+      shard = artifacts.confined_path(path, fname, f"{index} weight_map[{name!r}]")
       if not os.path.isfile(shard):
         raise FileNotFoundError(f"{shard} not found (listed for {name!r} in {index})")
       out[name] = shard

@@ -312,7 +312,7 @@ def load_index(path: str, *, embedder: Any = None, fingerprint: str | None = Non
   path = os.path.abspath(path)
   manifest = read_manifest(path)
   for rel, info in manifest["files"].items():
-    full = os.path.join(path, rel)
+    full = atomic_io.confined_path(path, rel, f"{os.path.join(path, MANIFEST)} files")
     if not os.path.isfile(full):
       raise IndexDirError(f"index {path}: file {rel} listed in the manifest is missing")
     if os.path.getsize(full) != info["bytes"]:

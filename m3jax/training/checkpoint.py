@@ -21,12 +21,13 @@ readers use without importing the trainer.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
 import logging
 import os
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Iterator, Mapping, NamedTuple
 
 import jax
 import ml_collections
@@ -156,6 +157,27 @@ def _to_json(value: Any, where: str) -> Any:
                   "is not JSON-serializable")
 
 
+_READ_ONLY_NOTICE = "Given directory is read only=%s"
+
+
+class _DropReadOnlyNotice(logging.Filter):
+  """Drops Orbax's warning that a manager opened read-only is read-only (what we asked)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.msg != _READ_ONLY_NOTICE
+
+
+@contextlib.contextmanager
+def _without_read_only_notice() -> Iterator[None]:
+  """While a CheckpointManager is made: that one absl warning, and nothing else, is dropped."""
+  logger, drop = logging.getLogger("absl"), _DropReadOnlyNotice()
+  logger.addFilter(drop)
+  try:
+    yield
+  finally:
+    logger.removeFilter(drop)
+
+
 class Checkpointer:
   """Async Orbax checkpoints of (train state, data-iterator state, metadata).
 
@@ -183,15 +205,16 @@ class Checkpointer:
     if read_only and not epath.Path(self.directory).is_dir():
       raise FileNotFoundError(f"checkpoint directory {self.directory} does not exist")
     self._last_saved: int | None = None
-    self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=options,
-        item_handlers={
-            STATE_ITEM: ocp.StandardCheckpointHandler(),
-            DATA_ITEM: ProcessStateHandler(),
-            META_ITEM: ocp.JsonCheckpointHandler(),
-        },
-    )
+    with _without_read_only_notice():
+      self._manager = ocp.CheckpointManager(
+          self.directory,
+          options=options,
+          item_handlers={
+              STATE_ITEM: ocp.StandardCheckpointHandler(),
+              DATA_ITEM: ProcessStateHandler(),
+              META_ITEM: ocp.JsonCheckpointHandler(),
+          },
+      )
 
   @classmethod
   def for_workdir(cls, workdir: str, cfg: ml_collections.ConfigDict | None = None,

@@ -39,7 +39,9 @@ from m3jax.model import params_io
 from m3jax.model import sharding as sharding_lib
 from m3jax.model.transformer import Transformer
 from m3jax.retrieval import neighbor_table
+from m3jax.training import chat_data
 from m3jax.training import checkpoint as ckpt_lib
+from m3jax.training import dpo as dpo_lib
 from m3jax.training import optim
 from m3jax.training import step as step_lib
 from m3jax.training.preemption import PreemptionGuard
@@ -65,9 +67,20 @@ class RunContext:
   use_memory: bool
 
 
+POST_STAGES = ("sft", "dpo")  # post-training on chat data (m3jax.training.chat_data)
+
+
 def uses_memory(cfg: ml_collections.ConfigDict) -> bool:
-  """Continual training always reads memory; warmup only in the from-scratch ablation."""
+  """Continual training always reads memory; warmup only in the from-scratch ablation;
+  post-training unless `train.chat_memory` is off."""
+  if cfg.train.stage in POST_STAGES:
+    return bool(cfg.train.chat_memory)
   return cfg.train.stage == "continual" or bool(cfg.train.use_memory)
+
+
+def state_class(cfg: ml_collections.ConfigDict) -> type:
+  """DPO keeps the frozen reference parameters in its state; every other stage does not."""
+  return dpo_lib.DpoState if cfg.train.stage == "dpo" else step_lib.TrainState
 
 
 def build_context(cfg: ml_collections.ConfigDict) -> RunContext:
@@ -86,32 +99,32 @@ def build_context(cfg: ml_collections.ConfigDict) -> RunContext:
     raise config_lib.ConfigError(
         f"config field `data.batch_size`: {cfg.data.batch_size} is not divisible by the "
         f"{n_batch_shards} batch shards of the mesh x train.grad_accum={cfg.train.grad_accum}")
-  abstract = abstract_state(mc, tx)
+  abstract = abstract_state(mc, tx, state_class(cfg))
   state_shardings = sharding_lib.logical_shardings(abstract, mesh, rules)
   batch_sharding = sharding_lib.logical_sharding(mesh, rules, ("batch",))
   return RunContext(cfg, mc, mesh, rules, tx, schedule, state_shardings, batch_sharding,
                     uses_memory(cfg))
 
 
-def abstract_state(mc, tx) -> step_lib.TrainState:
+def abstract_state(mc, tx, cls: type = step_lib.TrainState) -> step_lib.TrainState:
   """Boxed abstract train state (logical axes on params and optimizer moments)."""
   tokens = jax.ShapeDtypeStruct((1, mc.chunk_length), jnp.int32)
 
   def init(rng):
     params = Transformer(mc).init(rng, jnp.zeros(tokens.shape, tokens.dtype))["params"]
-    return step_lib.TrainState.create(params, tx)
+    return cls.create(params, tx)
 
   return jax.eval_shape(init, jax.random.key(0))
 
 
 def init_state(ctx: RunContext, rng: jax.Array, params: Any = None) -> step_lib.TrainState:
   """A fresh state in its shardings (from `rng`, or around given parameters)."""
-  mc, tx = ctx.model_config, ctx.tx
+  mc, tx, cls = ctx.model_config, ctx.tx, state_class(ctx.cfg)
 
   def init(rng, params):
     if params is None:
       params = Transformer(mc).init(rng, jnp.zeros((1, mc.chunk_length), jnp.int32))["params"]
-    return nn.unbox(step_lib.TrainState.create(nn.unbox(params), tx))
+    return nn.unbox(cls.create(nn.unbox(params), tx))
 
   with sharding_lib.use_mesh(ctx.mesh, ctx.rules):
     if params is None:
@@ -121,7 +134,7 @@ def init_state(ctx: RunContext, rng: jax.Array, params: Any = None) -> step_lib.
 
 
 def _abstract_with_shardings(ctx: RunContext) -> Any:
-  abstract = nn.unbox(abstract_state(ctx.model_config, ctx.tx))
+  abstract = nn.unbox(abstract_state(ctx.model_config, ctx.tx, state_class(ctx.cfg)))
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       abstract, ctx.state_shardings)
 
@@ -129,6 +142,8 @@ def _abstract_with_shardings(ctx: RunContext) -> Any:
 def compile_steps(ctx: RunContext) -> tuple[Callable, Callable, Callable | None]:
   """Jitted (train_step, eval_step without memory, eval_step with memory or None)."""
   t = ctx.cfg.train
+  if t.stage == "dpo":
+    return _compile_dpo_steps(ctx)
   train_fn = step_lib.make_train_step(
       ctx.model_config, ctx.tx, use_memory=ctx.use_memory, grad_accum=int(t.grad_accum),
       grad_through_references=bool(t.grad_through_references), lr_schedule=ctx.schedule)
@@ -142,6 +157,19 @@ def compile_steps(ctx: RunContext) -> tuple[Callable, Callable, Callable | None]
     with_mem = jax.jit(step_lib.make_eval_step(ctx.model_config, use_memory=True),
                        in_shardings=(params_sh, ctx.batch_sharding))
   return train, plain, with_mem
+
+
+def _compile_dpo_steps(ctx: RunContext) -> tuple[Callable, Callable, None]:
+  t = ctx.cfg.train
+  train_fn = dpo_lib.make_dpo_train_step(ctx.model_config, ctx.tx, beta=float(t.dpo_beta),
+                                         use_memory=ctx.use_memory, lr_schedule=ctx.schedule)
+  train = jax.jit(train_fn, in_shardings=(ctx.state_shardings, ctx.batch_sharding),
+                  out_shardings=(ctx.state_shardings, None), donate_argnums=(0,))
+  params_sh = ctx.state_shardings.params
+  ev = jax.jit(dpo_lib.make_dpo_eval_step(ctx.model_config, beta=float(t.dpo_beta),
+                                          use_memory=ctx.use_memory),
+               in_shardings=(params_sh, params_sh, ctx.batch_sharding))
+  return train, ev, None
 
 
 # ------------------------------------------------------------------------ data
@@ -159,15 +187,49 @@ def memory_inputs(cfg, root: str, split: str) -> tuple[Any, Any] | None:
   return neighbor_table.open_neighbor_table(cfg, root, split), prepared.open_references(root)
 
 
+def missing_neighbors_message(cfg, root: str) -> str:
+  """Why memory training cannot start without a neighbor table, and what to run."""
+  if cfg.train.stage == "continual":
+    why = "train.stage='continual' trains with memory"
+    instead = ""
+  else:
+    why = f"train.use_memory=True in train.stage={cfg.train.stage!r} trains with memory"
+    instead = "; or drop train.use_memory=True to train without memory"
+  todo = "`m3jax mine-neighbors` with the same --config and --workdir"
+  if not os.path.isdir(workspace.index_dir_of_root(root)):
+    todo = "`m3jax build-index`, then " + todo
+  return (f"{workspace.neighbors_dir(root, 'train')}: no neighbor table, but {why}: run "
+          f"{todo} first{instead}")
+
+
+def post_training_loader(ctx: RunContext, root: str, split: str, **kwargs):
+  """Loader over the chat (sft) or preference (dpo) dataset that prepare-chat wrote."""
+  stage = chat_data.CHAT_STAGE if ctx.cfg.train.stage == "sft" else chat_data.PREFERENCE_STAGE
+  if not os.path.isfile(os.path.join(root, stage, "stage.json")):
+    raise InputError(f"{os.path.join(root, stage)}: no {stage} dataset; run "
+                     "`m3jax prepare-chat` with data.chat_files / data.preference_files")
+  source = chat_data.PostTrainSource(chat_data.dataset_dir(root, stage), split)
+  if source.seq_len != ctx.cfg.model.max_seq_len:
+    raise InputError(f"{source.path}: sequences have {source.seq_len} tokens but "
+                     f"model.max_seq_len={ctx.cfg.model.max_seq_len}; rerun prepare-chat")
+  memory = {}
+  if ctx.use_memory:
+    memory = dict(neighbors=chat_data.RecordNeighbors(source),
+                  references=prepared.open_references(root))
+  cfg = ctx.cfg
+  return loader_lib.Loader(source, global_batch_size=cfg.data.batch_size, seed=cfg.seed,
+                           sharding=ctx.batch_sharding, worker_count=cfg.data.worker_count,
+                           **memory, **kwargs)
+
+
 def make_train_loader(ctx: RunContext, root: str):
+  if ctx.cfg.train.stage in POST_STAGES:
+    return post_training_loader(ctx, root, "train", shuffle=bool(ctx.cfg.data.shuffle))
   neighbors = references = None
   if ctx.use_memory:
     inputs = memory_inputs(ctx.cfg, root, "train")
     if inputs is None:
-      raise FileNotFoundError(
-          f"{workspace.neighbors_dir(root, 'train')}: no neighbor table; training with memory "
-          f"(train.stage={ctx.cfg.train.stage!r}, train.use_memory={ctx.cfg.train.use_memory}) "
-          "needs `m3jax mine-neighbors` first")
+      raise FileNotFoundError(missing_neighbors_message(ctx.cfg, root))
     neighbors, references = inputs
   return loader_lib.make_loader(ctx.cfg, root, split="train", sharding=ctx.batch_sharding,
                                 neighbors=neighbors, references=references)
@@ -176,6 +238,8 @@ def make_train_loader(ctx: RunContext, root: str):
 def evaluate(ctx: RunContext, params: Any, root: str, eval_plain: Callable,
              eval_mem: Callable | None) -> dict[str, float]:
   """Held-out loss/perplexity without memory and, when neighbors exist, with memory."""
+  if ctx.cfg.train.stage in POST_STAGES:
+    return _evaluate_post_training(ctx, params, root, eval_plain, eval_mem)
   out: dict[str, float] = {}
   n = int(ctx.cfg.train.eval_batches)
   modes = [("eval/no_memory", eval_plain, None)]
@@ -203,6 +267,31 @@ def evaluate(ctx: RunContext, params: Any, root: str, eval_plain: Callable,
   return out
 
 
+def _evaluate_post_training(ctx: RunContext, state_or_params: Any, root: str,
+                            eval_plain: Callable, eval_mem: Callable | None) -> dict[str, float]:
+  """SFT: held-out chat loss on assistant tokens (with the run's memory setting).
+  DPO: held-out preference accuracy, reward margin and loss against the reference."""
+  loader = post_training_loader(ctx, root, "validation", num_epochs=1, shuffle=False)
+  n = int(ctx.cfg.train.eval_batches)
+  sums: dict[str, float] = {}
+  for i, batch in enumerate(loader):
+    if i >= n:
+      break
+    if ctx.cfg.train.stage == "dpo":
+      r = eval_plain(state_or_params.params, state_or_params.ref_params, batch)
+    else:
+      fn = eval_mem if ctx.use_memory else eval_plain
+      r = fn(state_or_params.params, batch)
+    for k, v in jax.device_get(r).items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+  if ctx.cfg.train.stage == "dpo":
+    pairs = max(sums.pop("pairs", 0.0), 1.0)
+    return {f"eval/dpo/{k}": v / pairs for k, v in sums.items()}
+  tokens = max(sums.get("tokens", 0.0), 1.0)
+  loss = sums.get("loss_sum", 0.0) / tokens
+  return {"eval/sft/loss": loss, "eval/sft/perplexity": float(np.exp(min(loss, 50.0)))}
+
+
 # ------------------------------------------------------------------------ state
 
 
@@ -214,6 +303,10 @@ def model_diff(old: config_lib.ModelConfig, new: config_lib.ModelConfig) -> str:
 def _load_init_params(cfg, ctx: RunContext) -> Any:
   """Parameters of `train.init_from` (warmup run), checked against this model."""
   path = cfg.train.init_from
+  if not path and cfg.train.stage in POST_STAGES:
+    raise config_lib.ConfigError(f"config field `train.init_from`: train.stage="
+                                 f"{cfg.train.stage!r} starts from a trained checkpoint (the "
+                                 "continual run for sft, the sft run for dpo)")
   if "://" not in path and not os.path.exists(path):
     raise InputError(f"config field `train.init_from`: {path} does not exist; give a "
                      "finished warmup workdir, its checkpoints/ or a params directory")
@@ -260,7 +353,8 @@ def _initial_state(cfg, ctx: RunContext, workdir: str, checkpointer, loader) -> 
       loader.set_state(restored.data_state)
     _say(f"train: resumed from {checkpointer.step_dir(latest)}")
     return restored.state
-  params = _load_init_params(cfg, ctx) if cfg.train.init_from else None
+  post = cfg.train.stage in POST_STAGES  # these start from a checkpoint (checked there)
+  params = _load_init_params(cfg, ctx) if cfg.train.init_from or post else None
   state = init_state(ctx, jax.random.key(int(cfg.seed)), params)
   if ctx.mesh.shape["fsdp"] * ctx.mesh.shape["tensor"] > 1:  # data-parallel replicates
     sharding_lib.check_sharded(state.params)
@@ -301,6 +395,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None
       ctx.model_config, use_memory=ctx.use_memory,
       grad_through_references=bool(t.grad_through_references))
   tokens_per_step = cfg.data.batch_size * cfg.model.max_seq_len
+  if t.stage == "dpo":  # a chosen and a rejected sequence per pair, and the reference's
+    tokens_per_step *= 2  # forward pass (a third of a forward + backward) on both
+    flops_per_token *= 4 / 3
   _say(f"train: stage={t.stage} memory={'on' if ctx.use_memory else 'off'} mesh="
        f"{dict(ctx.mesh.shape)} devices={n_devices} tokens/step={tokens_per_step} "
        f"MFU peak={peak:.3g} FLOP/s/device ({peak_src})")
@@ -341,11 +438,15 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None
              f"mfu {values['mfu']:.1%}" +
              (f" mem_share {values['memory_chunk_share']:.2f} mem_mass "
               f"{values.get('memory_attention_mass', float('nan')):.3f}"
-              if ctx.use_memory else "") + f" | {progress.mark(step)}")
+              if ctx.use_memory and "memory_chunk_share" in values else "") +
+             (f" margin {values['reward_margin']:.4f} pref_acc "
+              f"{values['preference_accuracy']:.3f}" if "reward_margin" in values else "") +
+             f" | {progress.mark(step)}")
       else:
         progress.set(step)
       if int(t.eval_every) and (step % int(t.eval_every) == 0 or step == total_steps):
-        ev = evaluate(ctx, state.params, root, eval_plain, eval_mem)
+        ev = evaluate(ctx, state if t.stage in POST_STAGES else state.params, root,
+                      eval_plain, eval_mem)
         writer.write_scalars(step, ev)
         logged.update(ev)
         _say("eval " + " ".join(f"{k}={v:.4f}" for k, v in sorted(ev.items())))

@@ -131,6 +131,45 @@ def test_jsonl_non_string_text_is_refused(tmp_path):
     _docs([p])
 
 
+def _skipping(paths, **kw):
+  bad = []
+  docs = [t for _, t in corpus.iter_file_documents([str(p) for p in paths], on_bad=bad.append,
+                                                   **kw)]
+  return docs, [(r.path.rsplit("/", 1)[-1], r.line, r.offset, r.reason) for r in bad]
+
+
+def test_bad_jsonl_records_are_skipped_with_file_line_and_reason(tmp_path):
+  p = tmp_path / "rows.jsonl"
+  p.write_bytes(b'{"text": "a"}\n{"text": \n\n{"content": "b"}\n{"text": 3}\n'
+                b'{"text": "\xc3("}\n[1]\n{"text": "z"}\n')
+  docs, bad = _skipping([p])
+  assert docs == ["a", "z"]
+  assert bad == [("rows.jsonl", 2, 14, "invalid JSON: Expecting value"),
+                 ("rows.jsonl", 4, 25, "no text field 'text'; found ['content']"),
+                 ("rows.jsonl", 5, 42, "field 'text' is int, not a string"),
+                 ("rows.jsonl", 6, 64, "invalid UTF-8: b'\\xc3(\"}\\n' (invalid continuation byte)"),
+                 ("rows.jsonl", 7, 69, "no text field 'text'; found list")]
+  with pytest.raises(corpus.BadRecordError, match="rows.jsonl: invalid JSON at byte offset 14"):
+    _docs([p])  # without on_bad: the first bad record stops the read, as before
+
+
+def test_bad_txt_documents_are_skipped_whole(tmp_path):
+  p = tmp_path / "a.txt"
+  p.write_bytes(b"good one\n\nbad \xff doc\nits second line\n\n\xfe\n\nlast good\n")
+  docs, bad = _skipping([p])
+  assert docs == ["good one", "last good"]
+  assert [b[:3] for b in bad] == [("a.txt", 3, 14), ("a.txt", 6, 37)]
+  assert _skipping([p], txt_docs="file") == (
+      [], [("a.txt", 3, 14, "invalid UTF-8: b'\\xff doc\\nit' (invalid start byte)")])
+  q = tmp_path / "b.txt"
+  q.write_bytes(b"x\n" * 5 + b"\n\xff\n" * 3)
+  for max_bytes in (1, 4, 7):  # byte ranges: every bad document is reported once
+    splits = corpus.plan_file_splits([str(q)], max_split_bytes=max_bytes)
+    seen = []
+    got = [t for s in splits for _, t in corpus.iter_split_documents(s, on_bad=seen.append)]
+    assert got == ["x\nx\nx\nx\nx"] and [r.line for r in seen] == [7, 9, 11]
+
+
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory):
   """A text dataset 'prepared elsewhere': our documents builder in its own data_dir."""

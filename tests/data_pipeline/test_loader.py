@@ -204,6 +204,53 @@ def test_files_corpus_with_separate_knowledge_base(repo_root, tmp_path):
   assert m["corpus"]["train"]["files"] == [[str(train), train.stat().st_size]]
 
 
+def test_bad_records_skip_counts_prints_and_records_them(repo_root, tmp_path, capsys):
+  from data_pipeline import documents
+  from data_pipeline import knowledge_world
+  world = knowledge_world.generate(dict(n_seen=15, n_memory_taught=0, n_unseen=5))
+  train = tmp_path / "train.txt"
+  train.write_bytes("\n\n".join(d.text for d in world.train_documents).encode()
+                    + b"\n\nbad \xff document\n")
+  kb = tmp_path / "kb.jsonl"
+  n_bad = documents.SHOWN_BAD_RECORDS + 5
+  kb.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in world.kb_documents)
+                + '{"text": 1}\n' * n_bad)
+  args = ["data.corpus=files", f"data.files=['{train}']", f"data.kb_files=['{kb}']"]
+  with pytest.raises(corpus.CorpusError, match="train.txt: invalid UTF-8 at byte offset"):
+    prepare.prepare_data(_cfg(repo_root, *args), str(tmp_path / "w0"))  # default: error
+  m = prepare.prepare_data(_cfg(repo_root, *args, "data.bad_records=skip"), str(tmp_path / "w"))
+  docs = m["datasets"]["documents"]
+  assert docs["splits"] == {"train": len(world.train_documents), "kb": len(world.kb_documents)}
+  bad = docs["bad_records"]
+  assert bad["train"][str(train)]["count"] == 1 and bad["kb"][str(kb)]["count"] == n_bad
+  first = bad["kb"][str(kb)]["records"][0]
+  assert first == dict(line=len(world.kb_documents) + 1, offset=first["offset"],
+                       reason="field 'text' is int, not a string")
+  out = capsys.readouterr().out
+  assert out.count(f"skipping bad record: {kb}: line") == documents.SHOWN_BAD_RECORDS
+  assert f"skipped {n_bad} bad record(s) in {kb}" in out and "more bad records" in out
+  with pytest.raises(ConfigError, match="data.bad_records"):
+    prepare.prepare_data(_cfg(repo_root, *args, "data.bad_records=drop"), str(tmp_path / "w2"))
+
+
+def test_prepare_data_prints_no_download_lines_and_leaves_no_temporary_directories(
+    repo_root, tmp_path, monkeypatch, capsys):
+  import tempfile
+  from data_pipeline import knowledge_world
+  world = knowledge_world.generate(dict(n_seen=15, n_memory_taught=0, n_unseen=5))
+  train = tmp_path / "train.txt"
+  train.write_text("\n\n".join(d.text for d in world.train_documents))
+  temp = tmp_path / "temp"
+  temp.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(temp))  # TFDS used to leave tmp*tfds here
+  prepare.prepare_data(_cfg(repo_root, "data.corpus=files", f"data.files=['{train}']"),
+                       str(tmp_path / "w"))
+  assert os.listdir(temp) == []
+  out = capsys.readouterr().out
+  assert "prepare-data: " in out
+  assert "Downloading and preparing" not in out and "downloaded and prepared" not in out
+
+
 def test_tfds_corpus_is_read_in_place(prepared, repo_root, tmp_path):
   """A text dataset prepared elsewhere (here: the fixture's documents) by name + data_dir."""
   given = os.path.join(prepared["root"], "tokenizer.model")
@@ -234,6 +281,22 @@ def test_empty_files_corpus_names_the_file(repo_root, tmp_path):
   with pytest.raises(corpus.CorpusError, match="empty corpus.*empty.txt"):
     prepare.prepare_data(cfg, str(tmp_path / "w"))
   assert not [d for d in os.listdir(tmp_path / "w" / "data") if d.startswith(".tmp")]
+
+
+def test_one_document_corpus_says_it_is_too_small_to_split(repo_root, tmp_path):
+  from data_pipeline import knowledge_world
+  world = knowledge_world.generate(dict(n_seen=15, n_memory_taught=0, n_unseen=5))
+  one = tmp_path / "one.txt"
+  one.write_text("\n".join(d.text for d in world.train_documents) + "\n")  # no blank line
+  args = ["data.corpus=files", f"data.files=['{one}']"]
+  with pytest.raises(corpus.CorpusError, match=r"data.files \(.*one.txt\) is too small to "
+                     r"split: all 1 of its document\(s\) go to the validation split.*"
+                     r"--config.data.eval_fraction=0 --config.train.eval_every=0"):
+    prepare.prepare_data(_cfg(repo_root, *args), str(tmp_path / "w"))
+  assert sorted(os.listdir(tmp_path / "w" / "data")) == [".prepare.lock", "documents"]
+  m = prepare.prepare_data(_cfg(repo_root, *args, "data.eval_fraction=0"), str(tmp_path / "w2"))
+  assert m["datasets"]["packed"]["splits"]["train"]["documents"] == 1
+  assert m["datasets"]["packed"]["splits"]["validation"]["documents"] == 0
 
 
 def test_missing_files_corpus_names_the_file(repo_root, tmp_path):

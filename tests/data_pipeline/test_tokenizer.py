@@ -158,3 +158,90 @@ def test_line_starts_are_tokenized_like_the_training_text(trained):
   assert "\n" in pieces and tok.id_to_piece(5) == "\n"
   assert pieces[pieces.index("\n") + 1] == "Answer"
   assert tok.decode(ids) == "Question: Where was Alia Ashwick born?\nAnswer: Corvale."
+
+
+# ------------------------------------------------------------------ long documents
+
+
+def _old_split_for_training(text):
+  """The splitter before it was made linear (re-encoded the whole rest at every cut)."""
+  limit = tok_lib._MAX_SENTENCE_BYTES
+  if not text.strip():
+    return
+  while len(text.encode("utf-8")) > limit:
+    window = text[:limit // 4]
+    cut = window.rfind("\n") + 1 or window.rfind(" ") + 1 or len(window)
+    if text[:cut].strip():
+      yield text[:cut]
+    text = text[cut:]
+  if text.strip():
+    yield text
+
+
+def _random_text(rng, n, alphabet=("ab", "cd ", " ", "\n", "é", "日本", "🙂", "  ", "\n\n", "x" * 50)):
+  return "".join(rng.choice(alphabet, size=n))
+
+
+def test_training_split_is_unchanged_on_ordinary_and_long_texts():
+  import numpy as np
+  rng = np.random.default_rng(0)
+  texts = _texts()[:50] + ["", "   ", "a" * 9000, "🙂" * 5000, " " * 20000 + "z",
+                           "\n" * 3000 + "x" * 30000]
+  texts += [_random_text(rng, int(n)) for n in rng.integers(1, 9000, size=40)]
+  for text in texts:
+    assert list(tok_lib._split_for_training(text)) == list(_old_split_for_training(text))
+
+
+def test_training_split_reads_each_character_a_bounded_number_of_times(monkeypatch):
+  """Doubling a line doubles the characters the splitter encodes (it used to quadruple)."""
+  read = []
+  real = tok_lib._utf8_len
+  monkeypatch.setattr(tok_lib, "_utf8_len", lambda s: read.append(len(s)) or real(s))
+  counts = {}
+  for n in (1 << 18, 1 << 19, 1 << 20):
+    read.clear()
+    text = ("word " * n)[:n]
+    pieces = list(tok_lib._split_for_training(text))
+    assert "".join(pieces) == text
+    counts[n] = sum(read)
+    assert counts[n] <= 2 * n
+  for n in (1 << 18, 1 << 19):  # the old splitter read ~n^2/4096 characters: 4x per doubling
+    assert 1.95 < counts[2 * n] / counts[n] < 2.05
+
+
+def test_cut_before_spaces_joins_back_and_never_leaves_an_empty_piece():
+  import numpy as np
+  rng = np.random.default_rng(1)
+  for text in [_random_text(rng, 5000), "x" * 5000, "x" * 3000 + " " + "y" * 10, " " * 900,
+               "a " * 2000]:
+    pieces = tok_lib._cut_before_spaces(text, 256)
+    assert " ".join(pieces) == text and all(pieces)
+  assert max(len(p) for p in tok_lib._cut_before_spaces("a " * 2000, 256)) <= 256
+  assert tok_lib._cut_before_spaces("x" * 5000, 256) == ["x" * 5000]  # no space: whole
+  assert tok_lib._cut_before_spaces("x" * 3000 + " y", 256) == ["x" * 3000, "y"]
+  assert tok_lib._cut_before_spaces("x" * 3000 + " ", 256) == ["x" * 3000 + " "]
+
+
+def test_long_documents_encode_in_pieces_to_the_same_ids(trained, monkeypatch, tmp_path):
+  """encode_batch cuts a long text before spaces; the ids equal the whole text's, for every
+  model type m3jax trains, and a progress line is printed."""
+  import numpy as np
+  rng = np.random.default_rng(2)
+  words = np.array(_texts()[0].split(" ") + ["", "\n", "7", "Reference:", "日本"])
+  texts = [" ".join(rng.choice(words, size=int(n))) for n in (3000, 50, 4000, 10)]
+  texts += [" " + texts[0] + "  ", texts[2] + " "]
+  toks = [trained[0]] + [tok_lib.train_tokenizer(_texts()[:60], str(tmp_path / m),
+                                                 vocab_size=400, model_type=m)
+                         for m in ("unigram", "char")]
+  lines = []
+  monkeypatch.setattr(tok_lib, "LONG_TEXT_CHARS", 1000)
+  monkeypatch.setattr(tok_lib, "_PIECE_CHARS", 97)
+  monkeypatch.setattr(tok_lib, "_PROGRESS_EVERY_S", 0.0)
+  monkeypatch.setattr("builtins.print", lambda line, **kw: lines.append(line))
+  for tok in toks:
+    assert tok._in_pieces
+    whole = tok._sp.encode(texts, add_bos=True, add_eos=True)
+    assert tok.encode_batch(texts, add_bos=True, add_eos=True) == whole
+    assert tok.encode(texts[2]) == tok._sp.encode(texts[2])
+  assert any(line.startswith(f"tokenizing a {len(texts[0]):,}-character document") and
+             "ETA" in line for line in lines)

@@ -156,6 +156,28 @@ def test_truncated_shard_is_detected_on_open(setup, warm_dir, tmp_path):
     _open(setup, root, verify="size")
 
 
+def test_shard_files_outside_the_bank_are_refused(setup, warm_dir, tmp_path):
+  """A manifest naming `..`, an absolute path or a symlink out is refused, even when the
+  file there has the right size and sha256."""
+  from m3jax.core import artifacts
+  root = _copy(warm_dir, tmp_path / "bank")
+  outside = str(tmp_path / "elsewhere.npy")
+  os.replace(os.path.join(root, bank_format.shard_file(1)), outside)
+  os.symlink(outside, os.path.join(root, bank_format.shard_file(1)))
+  mpath = os.path.join(root, bank_format.MANIFEST_FILE)
+  manifest = bank_format.read_json(mpath)
+  for rel, shown in [("../elsewhere.npy", r"\.\./elsewhere.npy"), (outside, outside),
+                     (bank_format.shard_file(1), "symlink")]:
+    manifest["shards"][1]["file"] = rel
+    artifacts.write_json(mpath, manifest)
+    with pytest.raises(artifacts.UnsafePathError, match=f"shard file.*{shown}"):
+      _open(setup, root, verify="size")
+    with _open(setup, root, verify="none") as bank:
+      bank.lookup(np.array([0]))
+      with pytest.raises(artifacts.UnsafePathError, match=shown):
+        bank.lookup(np.array([17]))
+
+
 def test_bank_of_another_model_config_is_refused(setup, warm_dir):
   other = dataclasses.replace(setup["mc"], memory_tokens_per_head=2)
   with pytest.raises(bank_format.BankMismatchError, match="memory_tokens_per_head"):

@@ -102,6 +102,19 @@ def test_keep_n_keeps_only_the_newest_n(tmp_path, meshes):
   assert sorted(os.listdir(tmp_path)) == ["30", "40"]
 
 
+def test_a_read_only_checkpointer_opens_without_orbax_read_only_warning(tmp_path, caplog):
+  import logging
+  (tmp_path / "1").mkdir()
+  absl = logging.getLogger("absl")
+  filters = list(absl.filters)
+  with caplog.at_level(logging.WARNING):
+    ck.Checkpointer(str(tmp_path), read_only=True)
+    absl.warning("another warning is still shown")
+  messages = [r.getMessage() for r in caplog.records]
+  assert "another warning is still shown" in messages
+  assert not [m for m in messages if "read only" in m] and absl.filters == filters
+
+
 def test_latest_step_is_found_by_a_new_checkpointer(tmp_path, meshes):
   mesh_2x4, mesh_8 = meshes
   with ck.Checkpointer(str(tmp_path), keep=None) as c:

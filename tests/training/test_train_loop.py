@@ -132,5 +132,26 @@ def test_continual_without_neighbor_table_is_refused(tiny_prepared, tmp_path, re
   wd = _workdir(tiny_prepared, tmp_path, "no_neighbors")
   c = cfg.copy_and_resolve_references()
   c.train.update(stage="continual", init_from=str(reference_run), steps=2)
-  with pytest.raises(FileNotFoundError, match="mine-neighbors"):
+  with pytest.raises(FileNotFoundError, match="train.stage='continual' trains with memory: "
+                     r"run `m3jax build-index`, then `m3jax mine-neighbors`") as e:
     train_lib.train(c, str(wd))
+  assert "use_memory" not in str(e.value)
+
+
+def test_missing_neighbors_advice_fits_what_was_set(tiny_config, tmp_path):
+  from m3jax.training import loop as train_lib
+  root = str(tmp_path / "data")
+  c = tiny_config.copy_and_resolve_references()
+  c.train.stage = "continual"
+  msg = train_lib.missing_neighbors_message(c, root)
+  assert msg.startswith(f"{root}/neighbors/train: no neighbor table, but train.stage="
+                        "'continual' trains with memory: run `m3jax build-index`, then "
+                        "`m3jax mine-neighbors` with the same --config and --workdir first")
+  assert "use_memory" not in msg
+  os.makedirs(os.path.join(root, "index"))
+  c.train.update(stage="warmup", use_memory=True)
+  msg = train_lib.missing_neighbors_message(c, root)
+  assert "build-index" not in msg and msg.endswith(
+      "train.use_memory=True in train.stage='warmup' trains with memory: run `m3jax "
+      "mine-neighbors` with the same --config and --workdir first; or drop "
+      "train.use_memory=True to train without memory")
