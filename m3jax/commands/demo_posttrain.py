@@ -1,4 +1,6 @@
-"""`m3jax demo-posttrain --config=configs/demo.py --workdir=demo_workdir`: SFT and DPO.
+"""`m3jax demo-posttrain`: SFT and DPO on the workdir of `m3jax demo`.
+
+  m3jax demo-posttrain --config=configs/demo.py --workdir=demo_workdir
 
 Runs after `m3jax demo` on the same workdir: writes the knowledge world as chats,
 prepares the chat and preference datasets (each chunk's reference retrieved from

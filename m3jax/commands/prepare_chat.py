@@ -1,7 +1,7 @@
 """`m3jax prepare-chat`: chat (SFT) and preference (DPO) datasets for post-training.
 
-  m3jax prepare-chat --config=configs/demo.py --workdir=runs/demo \
-      --config.data.chat_files='("chats.jsonl",)' \
+  m3jax prepare-chat --config=configs/demo.py --workdir=runs/demo \\
+      --config.data.chat_files='("chats.jsonl",)' \\
       --config.data.preference_files='("pairs.jsonl",)'
 
 Renders the files with the chat template and the tokenizer of `<workdir>/data`
