@@ -62,7 +62,7 @@ def check_writable_dir(path: str, what: str) -> None:
     os.remove(probe)
   except OSError as e:
     reason = (e.strerror or str(e)).lower()
-    raise InputError(f"{what}={path} is not a writable directory ({reason}); choose a "
+    raise InputError(f"{what}: {path} is not a writable directory ({reason}); choose a "
                      "writable directory or fix its permissions") from e
 
 

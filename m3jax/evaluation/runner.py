@@ -276,7 +276,7 @@ def check_output(path: str) -> None:
   """Refuses an --output that cannot be written, before anything is computed."""
   if os.path.isdir(path):
     raise InputError(f"--output={path} is a directory; give a file path")
-  artifacts.check_writable_dir(os.path.dirname(os.path.abspath(path)), "--output")
+  artifacts.check_writable_dir(os.path.dirname(os.path.abspath(path)), f"--output={path}")
 
 
 def report_path(output: str | None, base: str, step: int | None) -> str:

@@ -138,7 +138,7 @@ def test_train_refuses_an_unwritable_workdir(capsys, tiny_prepared, tmp_path):
   blocker.write_text("x")
   assert_one_line_error(
       run_cli(capsys, "train", f"--config={TINY}", *WORLD, f"--workdir={blocker}/w",
-              f"--config.data.workdir_data={prepared}/data"), "train", "--workdir=", "writable")
+              f"--config.data.workdir_data={prepared}/data"), "train", "--workdir", "writable")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
