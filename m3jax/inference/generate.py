@@ -30,7 +30,7 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -182,7 +182,9 @@ class Generator:
                sampling: Sampling = Sampling(), key: jax.Array | None = None,
                memory: schedule.MemoryRetrieval | None = None,
                filter_texts: Sequence[str | None] | None = None, stop_at_eos: bool = True,
-               with_prefix: bool | None = None) -> GenerationOutput:
+               with_prefix: bool | None = None,
+               on_first_token: Callable[[np.ndarray], None] | None = None
+               ) -> GenerationOutput:
     """Completes a batch of prompts.
 
     Args:
@@ -194,6 +196,8 @@ class Generator:
       filter_texts: per row, the text the leakage filter compares references with.
       stop_at_eos: stop a row at its first eos (excluded from `lengths`).
       with_prefix: the `<s>Reference:` prefix (default: only with memory).
+      on_first_token: called with the first generated token of every row ([B]
+        int32) as soon as it is on the host (time-to-first-token measurements).
     """
     cfg = self.config
     if max_new_tokens < 1:
@@ -224,6 +228,8 @@ class Generator:
                           None if mask is None else jnp.asarray(mask), key, temperature, top_p,
                           max_new=max_new_tokens, max_length=max_length,
                           with_prefix=with_prefix, **static)
+    if on_first_token is not None:
+      on_first_token(np.asarray(state.last))
     dec_mem = dec_mask = None
     if memory is not None:
       rows = np.arange(b)
