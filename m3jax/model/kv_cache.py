@@ -1,10 +1,12 @@
 """The key-value cache for incremental decoding, and the arithmetic around it.
 
-Layout: one preallocated array per layer for K and for V, each [B, S, H_kv, d]
+Layout: one preallocated array per layer for K and for V, each [B, H_kv, S, d]
 (static shapes, so `Transformer.prefill` / `Transformer.decode_step` jit once).
 Per-layer arrays (not one stacked array) let a decode step write its slot in
 place: a stacked cache made XLA copy a whole layer per step, which grew with the
-cache size. Keys are cached after rotary embedding.
+cache size. Heads before slots, as the attention matmuls batch them: with slots
+first ([B, S, H_kv, d]) XLA:CPU copied every layer's K and V into that order at
+every decode step. Keys are cached after rotary embedding.
 
 Context slots, the same in every layer: with the memory prefix on, slots [0, P)
 hold the `<s>Reference:` prefix (rotary positions 0..P-1) and context token i
@@ -37,14 +39,14 @@ from m3jax.model import attention as attn_lib
 from m3jax.model.dtypes import JNP_DTYPES
 
 # Logical axis names of each layer's cache array (mapped to mesh axes by the rules table).
-CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")
+CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")
 
 
 @struct.dataclass
 class KVCache:
   """Preallocated KV cache (a pytree; the layout fields are static)."""
-  k: tuple[jax.Array, ...]  # per layer [B, S_layer, H_kv, d], keys after rotary embedding
-  v: tuple[jax.Array, ...]  # per layer [B, S_layer, H_kv, d]
+  k: tuple[jax.Array, ...]  # per layer [B, H_kv, S_layer, d], keys after rotary embedding
+  v: tuple[jax.Array, ...]  # per layer [B, H_kv, S_layer, d]
   length: jax.Array  # [B] int32, context tokens written (prefix not counted)
   # [B, L_mem, H_kv, N] bool per memory slot of each memory layer (None without them).
   memory_valid: jax.Array | None = None
@@ -55,7 +57,7 @@ class KVCache:
   @property
   def slots(self) -> int:
     """Prefix + context slots (the same in every layer; memory slots not counted)."""
-    return self.k[0].shape[1] - (self.memory_tokens if 0 in self.memory_layers else 0)
+    return self.k[0].shape[2] - (self.memory_tokens if 0 in self.memory_layers else 0)
 
   @property
   def max_length(self) -> int:
@@ -91,7 +93,7 @@ def init_cache(config: ModelConfig, batch_size: int, max_length: int, *, with_pr
 
   def layer(i):
     extra = n if i in layers else 0
-    return jnp.zeros((batch_size, p + max_length + extra, config.n_kv_heads, config.head_dim), dt)
+    return jnp.zeros((batch_size, config.n_kv_heads, p + max_length + extra, config.head_dim), dt)
 
   valid = None
   if with_memory:
@@ -128,10 +130,8 @@ def place_memories(config: ModelConfig, cache: KVCache, memories: jax.Array,
   for j, layer in enumerate(cache.memory_layers):
     kv = attn_lib.layer_memory(mem, mask, j, config.n_kv_heads, config.memory_heads,
                                k[layer].dtype)  # keys, values [B, 1, H_kv, N, d]
-    k[layer] = jax.lax.dynamic_update_slice_in_dim(
-        k[layer], jnp.swapaxes(kv.keys[:, 0], 1, 2), s, axis=1)
-    v[layer] = jax.lax.dynamic_update_slice_in_dim(
-        v[layer], jnp.swapaxes(kv.values[:, 0], 1, 2), s, axis=1)
+    k[layer] = jax.lax.dynamic_update_slice_in_dim(k[layer], kv.keys[:, 0], s, axis=2)
+    v[layer] = jax.lax.dynamic_update_slice_in_dim(v[layer], kv.values[:, 0], s, axis=2)
     valid.append(kv.mask[:, 0])
   return cache.replace(k=tuple(k), v=tuple(v), memory_valid=jnp.stack(valid, axis=1))
 

@@ -145,15 +145,19 @@ class Attention(nn.Module):
 
     keys, values, new_cache = k_rot, v, None
     if cache is not None:
-      ck, cv = cache
+      ck, cv = cache  # [B, H_kv, S, d] (m3jax.model.kv_cache)
       if mode.decode:  # one new token per sequence, at its own slot (in place)
         rows = jnp.arange(ck.shape[0])
-        ck = ck.at[rows, slot].set(k_rot[:, 0].astype(ck.dtype))
-        cv = cv.at[rows, slot].set(v[:, 0].astype(cv.dtype))
-        keys, values = ck.astype(k_rot.dtype), cv.astype(v.dtype)
+        ck = ck.at[rows, :, slot].set(k_rot[:, 0].astype(ck.dtype))
+        cv = cv.at[rows, :, slot].set(v[:, 0].astype(cv.dtype))
+        # attend's [B, S, H_kv, d] view; XLA folds the swap into the matmuls.
+        keys = jnp.swapaxes(ck, 1, 2).astype(k_rot.dtype)
+        values = jnp.swapaxes(cv, 1, 2).astype(v.dtype)
       else:  # prefill: the whole (prefix +) prompt from slot 0
-        ck = jax.lax.dynamic_update_slice_in_dim(ck, k_rot.astype(ck.dtype), 0, axis=1)
-        cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), 0, axis=1)
+        ck = jax.lax.dynamic_update_slice_in_dim(
+            ck, jnp.swapaxes(k_rot, 1, 2).astype(ck.dtype), 0, axis=2)
+        cv = jax.lax.dynamic_update_slice_in_dim(
+            cv, jnp.swapaxes(v, 1, 2).astype(cv.dtype), 0, axis=2)
       new_cache = (ck, cv)
 
     want_mass = memory is not None and self.is_mutable_collection("intermediates")

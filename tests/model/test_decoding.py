@@ -97,7 +97,7 @@ def test_cache_layout_and_misuse(setup):
   cache = decoding.init_cache(cfg, 3, 32, with_prefix=True)
   p = cfg.prefix_length
   assert len(cache.k) == len(cache.v) == cfg.n_layers
-  assert cache.k[0].shape == (3, p + 32, cfg.n_kv_heads, cfg.head_dim)
+  assert cache.k[0].shape == (3, cfg.n_kv_heads, p + 32, cfg.head_dim)
   assert cache.max_length == 32 and decoding.position_offset(cfg, cache) == cfg.context_offset
   plain = decoding.init_cache(cfg, 3, 32, with_prefix=False)
   assert plain.slots == 32 and decoding.position_offset(cfg, plain) == 0
@@ -122,7 +122,7 @@ def test_memories_sit_in_the_cache_after_the_context_slots(setup):
   assert cache.slots == p + n_ctx and cache.max_length == n_ctx
   for i in range(cfg.n_layers):
     extra = n if i in cfg.memory_layers else 0
-    assert cache.k[i].shape == (b, p + n_ctx + extra, cfg.n_kv_heads, cfg.head_dim)
+    assert cache.k[i].shape == (b, cfg.n_kv_heads, p + n_ctx + extra, cfg.head_dim)
   assert cache.memory_valid.shape == (b, cfg.n_memory_layers, cfg.n_kv_heads, n)
   assert not cache.memory_valid.any()
   rng = np.random.default_rng(4)
@@ -134,12 +134,10 @@ def test_memories_sit_in_the_cache_after_the_context_slots(setup):
   for j, layer in enumerate(cfg.memory_layers):
     want = attn_lib.layer_memory(jnp.asarray(mem)[:, None], full, j, cfg.n_kv_heads,
                                  cfg.memory_heads, jnp.float32)
-    np.testing.assert_array_equal(placed.k[layer][:, p + n_ctx:],
-                                  np.swapaxes(want.keys[:, 0], 1, 2))
-    np.testing.assert_array_equal(placed.v[layer][:, p + n_ctx:],
-                                  np.swapaxes(want.values[:, 0], 1, 2))
+    np.testing.assert_array_equal(placed.k[layer][:, :, p + n_ctx:], want.keys[:, 0])
+    np.testing.assert_array_equal(placed.v[layer][:, :, p + n_ctx:], want.values[:, 0])
     np.testing.assert_array_equal(placed.memory_valid[:, j], want.mask[:, 0])
-    assert not np.asarray(placed.k[layer][:, :p + n_ctx]).any()  # context untouched
+    assert not np.asarray(placed.k[layer][:, :, :p + n_ctx]).any()  # context untouched
   # A decode step's masks: the context up to its slot, then the memory slots' validity.
   ctx, mem_masks = decoding.decode_masks(placed, jnp.asarray([p + 3, p + 5]))
   assert ctx.shape == (b, 1, p + n_ctx) and np.asarray(ctx[1, 0]).sum() == p + 6
