@@ -34,13 +34,15 @@ import time
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from m3jax.inference import generate as gen_lib
 from m3jax.retrieval import rag as rag_lib
 from m3jax.retrieval import schedule
 from m3jax.core.config import model_config
-from m3jax.model.transformer import init_params
+from m3jax.model import kv_cache
+from m3jax.model.transformer import Transformer, init_params
 from m3jax.retrieval.retriever import Retrieval, Retriever
 from m3jax.memory import bank_format
 from m3jax.memory import encode_job
@@ -101,6 +103,31 @@ def references_needed(batch: int, prompt_len: int, new_tokens: int, runs: int,
   """Distinct references for unique ids in every explicit-memory run."""
   per_row = schedule.retrieval_count(prompt_len, prompt_len + new_tokens - 1, chunk_length)
   return runs * batch * per_row * memories_per_chunk
+
+
+def decode_step_cost(mc: Any, params: Any, batch: int, context_tokens: int, new_tokens: int,
+                     *, with_memory: bool) -> dict[str, float]:
+  """FLOPs and bytes accessed of one compiled decode step (XLA's cost analysis).
+
+  The cache is sized as the generator sizes it for `context_tokens` prompt
+  tokens and `new_tokens` new ones (with the prefix and memory slots when
+  `with_memory`), and donated as in the decode loop. Counted, not timed: the
+  share of the step that reads the KV cache, whatever the load on the machine.
+  """
+  L = mc.chunk_length
+  max_length = -(-context_tokens // L) * L + -(-new_tokens // L) * L
+  model = Transformer(mc)
+  cache = jax.eval_shape(lambda: kv_cache.init_cache(mc, batch, max_length,
+                                                     with_prefix=with_memory,
+                                                     with_memory=with_memory))
+  step = jax.jit(lambda p, t, c: model.apply({"params": p}, t, c, method=Transformer.decode_step),
+                 donate_argnums=(2,))
+  cost = step.lower(params, jax.ShapeDtypeStruct((batch,), jnp.int32), cache).compile()
+  cost = cost.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((cache.k, cache.v)))
+  return dict(flops=float(cost.get("flops", 0.0)), bytes=float(cost.get("bytes accessed", 0.0)),
+              cache_bytes=float(cache_bytes))
 
 
 def build_bank(cfg: Any, params: Any, store: Any, path: str, printer=print) -> None:
@@ -224,6 +251,10 @@ def run(cfg: Any, *, batch: int = 32, prompt_len: int = 128, new_tokens: int = 1
       if mode == "rag":
         result["modes"][mode]["context_tokens"] = e["context"]
 
+  for mode in modes:  # where a decode step's time goes: the KV cache it reads
+    context = log["rag"]["context"] if mode == "rag" else prompt_len
+    result["modes"][mode]["decode_step"] = decode_step_cost(
+        mc, params, batch, context, new_tokens, with_memory=mode == "explicit")
   tps = {m: v["tokens_per_s"] for m, v in result["modes"].items()}
   if "explicit" in tps and "none" in tps:
     result["explicit_over_none"] = tps["explicit"] / tps["none"]
@@ -252,6 +283,10 @@ def format_result(r: dict[str, Any]) -> str:
                f"{v['retrieve_seconds_mean'] * 1e3:.0f} ms per run]")
     lines.append(f"  {mode:9s} {v['tokens_per_s']:9.1f} tokens/s  ({v['mean_seconds']:.3f} s/run, "
                  f"first token {v['ttft_seconds'] * 1e3:.0f} ms)" + extra)
+    if "decode_step" in v:
+      c = v["decode_step"]
+      lines.append(f"            one decode step, compiled: {c['flops'] / 1e9:.2f} GFLOP, "
+                   f"{c['bytes'] / 1e6:.0f} MB accessed, KV cache {c['cache_bytes'] / 1e6:.0f} MB")
   if "explicit_over_none" in r:
     lines.append(f"  explicit / none = {r['explicit_over_none']:.2f}x   (paper, A800: 0.65x)")
   if "explicit_over_rag" in r:
