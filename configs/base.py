@@ -155,6 +155,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.grad_accum = 1
   t.grad_through_references = True
   t.log_every = 10
+  t.throughput_window = 100  # steps: logged tokens/s and MFU average the last this many
   t.eval_every = 200
   t.eval_batches = 4
   t.checkpoint_every = 200

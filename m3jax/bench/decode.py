@@ -10,7 +10,9 @@ and the retrieved ids are replaced by ids never read before (the paper's worst
 case: "reference ids are made unique after search"). RAG retrieves once per row
 with a 64-token query (the prompt's last chunk) and prepends the 5 references'
 tokens (128 each) to the prompt. The `<s>` opening the context counts as one of
-the input tokens.
+the input tokens. Time to first token (TTFT) is measured in the same runs: from
+the start of a run (before any retrieval) until every row's first generated
+token is on the host.
 
 What is real here: the model (random parameters of the configured size: speed
 does not depend on the weights), the jitted prefill + segmented decode loop of
@@ -32,6 +34,7 @@ import time
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from m3jax.core import errors
@@ -40,7 +43,8 @@ from m3jax.inference import generate as gen_lib
 from m3jax.retrieval import rag as rag_lib
 from m3jax.retrieval import schedule
 from m3jax.core.config import model_config
-from m3jax.model.transformer import init_params
+from m3jax.model import kv_cache
+from m3jax.model.transformer import Transformer, init_params
 from m3jax.retrieval.retriever import Retrieval, Retriever
 from m3jax.memory import bank_format
 from m3jax.memory import encode_job
@@ -105,6 +109,31 @@ def references_needed(batch: int, prompt_len: int, new_tokens: int, runs: int,
   """Distinct references for unique ids in every explicit-memory run."""
   per_row = schedule.retrieval_count(prompt_len, prompt_len + new_tokens - 1, chunk_length)
   return runs * batch * per_row * memories_per_chunk
+
+
+def decode_step_cost(mc: Any, params: Any, batch: int, context_tokens: int, new_tokens: int,
+                     *, with_memory: bool) -> dict[str, float]:
+  """FLOPs and bytes accessed of one compiled decode step (XLA's cost analysis).
+
+  The cache is sized as the generator sizes it for `context_tokens` prompt
+  tokens and `new_tokens` new ones (with the prefix and memory slots when
+  `with_memory`), and donated as in the decode loop. Counted, not timed: the
+  share of the step that reads the KV cache, whatever the load on the machine.
+  """
+  L = mc.chunk_length
+  max_length = -(-context_tokens // L) * L + -(-new_tokens // L) * L
+  model = Transformer(mc)
+  cache = jax.eval_shape(lambda: kv_cache.init_cache(mc, batch, max_length,
+                                                     with_prefix=with_memory,
+                                                     with_memory=with_memory))
+  step = jax.jit(lambda p, t, c: model.apply({"params": p}, t, c, method=Transformer.decode_step),
+                 donate_argnums=(2,))
+  cost = step.lower(params, jax.ShapeDtypeStruct((batch,), jnp.int32), cache).compile()
+  cost = cost.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((cache.k, cache.v)))
+  return dict(flops=float(cost.get("flops", 0.0)), bytes=float(cost.get("bytes accessed", 0.0)),
+              cache_bytes=float(cache_bytes))
 
 
 def build_bank(cfg: Any, params: Any, store: Any, path: str, printer=print) -> None:
@@ -173,35 +202,42 @@ def run(cfg: Any, *, batch: int = 32, prompt_len: int = 128, new_tokens: int = 1
                             bytes_per_memory=bank.bytes_per_memory)
 
     unique = UniqueIds(retriever, n_refs)
-    log = {m: dict(times=[], retrieve=[], lookup=[], retrievals=0, context=0) for m in modes}
+    log = {m: dict(times=[], ttft=[], retrieve=[], lookup=[], retrievals=0, context=0)
+           for m in modes}
 
     def one_run(mode: str, r: int) -> None:
       timed_ret = _Timed(unique if mode == "explicit" else retriever, "retrieve")
       timed_bank = _Timed(bank, "lookup") if mode == "explicit" else None
+      first: list[float] = []
+      first_token = lambda _tokens: first.append(time.perf_counter())
       t0 = time.perf_counter()
       if mode == "none":
-        out = generator.generate(prompts, max_new_tokens=new_tokens, stop_at_eos=False)
+        out = generator.generate(prompts, max_new_tokens=new_tokens, stop_at_eos=False,
+                                 on_first_token=first_token)
       elif mode == "explicit":
         mem = schedule.MemoryRetrieval.for_model(mc, timed_ret, timed_bank, _words)
         out = generator.generate(prompts, max_new_tokens=new_tokens, stop_at_eos=False,
-                                 memory=mem)
+                                 memory=mem, on_first_token=first_token)
       else:
         got = rag_lib.rag_contexts(timed_ret, store, prompts, [_words(p[-L:]) for p in prompts],
                                    bos_id=mc.bos_id)
         log[mode]["context"] = int(np.mean([len(c) for c in got.contexts]))
-        out = generator.generate(got.contexts, max_new_tokens=new_tokens, stop_at_eos=False)
+        out = generator.generate(got.contexts, max_new_tokens=new_tokens, stop_at_eos=False,
+                                 on_first_token=first_token)
       seconds = time.perf_counter() - t0
       if out.lengths.min() != new_tokens:
         raise RuntimeError(f"bench decode: {mode} run {r} generated "
                            f"{int(out.lengths.min())} < {new_tokens} tokens in some row")
       entry = log[mode]
       entry["times"].append(seconds)
+      entry["ttft"].append(first[0] - t0)
       entry["retrieve"].append(timed_ret.seconds)
       entry["lookup"].append(timed_bank.seconds if timed_bank is not None else 0.0)
       entry["retrievals"] = out.retrievals if mode == "explicit" else (
           batch if mode == "rag" else 0)
       say(f"bench decode: run {r} {mode:8s} {seconds:7.3f} s "
-          f"({batch * new_tokens / seconds:8.1f} tok/s){' (discarded)' if r == 0 else ''}")
+          f"({batch * new_tokens / seconds:8.1f} tok/s, first token {entry['ttft'][-1]:.3f} s)"
+          f"{' (discarded)' if r == 0 else ''}")
 
     # Rounds interleave the modes, so that load from other processes (a shared
     # machine) drifts over all of them alike; each mode's first run is discarded.
@@ -214,17 +250,27 @@ def run(cfg: Any, *, batch: int = 32, prompt_len: int = 128, new_tokens: int = 1
       result["modes"][mode] = dict(
           tokens_per_s=batch * new_tokens / mean, mean_seconds=mean,
           first_run_seconds=e["times"][0], run_seconds=e["times"],
+          ttft_seconds=statistics.mean(e["ttft"][1:]), run_ttft_seconds=e["ttft"],
           retrievals_per_run=e["retrievals"],
           retrieve_seconds_mean=statistics.mean(e["retrieve"][1:]),
           bank_lookup_seconds_mean=statistics.mean(e["lookup"][1:]))
       if mode == "rag":
         result["modes"][mode]["context_tokens"] = e["context"]
 
+  for mode in modes:  # where a decode step's time goes: the KV cache it reads
+    context = log["rag"]["context"] if mode == "rag" else prompt_len
+    result["modes"][mode]["decode_step"] = decode_step_cost(
+        mc, params, batch, context, new_tokens, with_memory=mode == "explicit")
   tps = {m: v["tokens_per_s"] for m, v in result["modes"].items()}
   if "explicit" in tps and "none" in tps:
     result["explicit_over_none"] = tps["explicit"] / tps["none"]
   if "explicit" in tps and "rag" in tps:
     result["explicit_over_rag"] = tps["explicit"] / tps["rag"]
+  ttft = {m: v["ttft_seconds"] for m, v in result["modes"].items()}
+  if "explicit" in ttft and "none" in ttft:
+    result["ttft_explicit_over_none"] = ttft["explicit"] / ttft["none"]
+  if "explicit" in ttft and "rag" in ttft:
+    result["ttft_explicit_over_rag"] = ttft["explicit"] / ttft["rag"]
   say(format_result(result))
   return result
 
@@ -241,11 +287,19 @@ def format_result(r: dict[str, Any]) -> str:
     elif mode == "rag":
       extra = (f"  [{v['context_tokens']} context tokens; retrieval "
                f"{v['retrieve_seconds_mean'] * 1e3:.0f} ms per run]")
-    lines.append(f"  {mode:9s} {v['tokens_per_s']:9.1f} tokens/s  ({v['mean_seconds']:.3f} s/run)"
-                 + extra)
+    lines.append(f"  {mode:9s} {v['tokens_per_s']:9.1f} tokens/s  ({v['mean_seconds']:.3f} s/run, "
+                 f"first token {v['ttft_seconds'] * 1e3:.0f} ms)" + extra)
+    if "decode_step" in v:
+      c = v["decode_step"]
+      lines.append(f"            one decode step, compiled: {c['flops'] / 1e9:.2f} GFLOP, "
+                   f"{c['bytes'] / 1e6:.0f} MB accessed, KV cache {c['cache_bytes'] / 1e6:.0f} MB")
   if "explicit_over_none" in r:
     lines.append(f"  explicit / none = {r['explicit_over_none']:.2f}x   (paper, A800: 0.65x)")
   if "explicit_over_rag" in r:
     lines.append(f"  explicit / rag  = {r['explicit_over_rag']:.2f}x   (paper, A800: 1.46x "
                  "vs MiniCPM-2B + RAG)")
+  if "ttft_explicit_over_none" in r:
+    lines.append(f"  time to first token, explicit / none = {r['ttft_explicit_over_none']:.2f}x")
+  if "ttft_explicit_over_rag" in r:
+    lines.append(f"  time to first token, explicit / rag  = {r['ttft_explicit_over_rag']:.2f}x")
   return "\n".join(lines)

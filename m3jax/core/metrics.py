@@ -7,7 +7,8 @@ The JSON lines are appended, so a resumed run continues the same file; readers k
 the last record of a step (`read_jsonl(..., last_per_step=True)`).
 
 `MetricAccumulator` keeps per-step metrics on device and fetches them in one transfer
-at logging steps, so logging never stalls the device between them.
+at logging steps, so logging never stalls the device between them. `StepTimeWindow`
+turns the times of logging steps into seconds per step over the last N steps.
 `read_tensorboard_scalars` parses event files (checking their CRCs) with the protos
 tensorboardX ships.
 """
@@ -19,7 +20,7 @@ import json
 import os
 import struct
 import time
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -154,6 +155,53 @@ class MetricAccumulator:
       values = [_scalar(name, m[name]) for m in host if name in m]
       out[name] = float(values[-1]) if name in self._last else float(np.mean(values))
     return out
+
+
+class StepTimeWindow:
+  """Seconds per step over the last `window` steps, for throughput and MFU in logs.
+
+  A training loop syncs with the device only at logging steps, so it cannot time one
+  step; it calls `mark(step, seconds)` there with its cumulative training seconds
+  (eval and checkpoint time left out). One logging interval on a shared machine
+  swings with the load; the window averages the last `window` steps or more (whole
+  intervals), so the logged figure moves slowly. Counted, not timed: the figure is
+  a pure function of the marks (`windowed_seconds_per_step`).
+  """
+
+  def __init__(self, window: int):
+    if window < 1:
+      raise ValueError(f"the step-time window must be >= 1 step, got {window}")
+    self.window = int(window)
+    self._marks: list[tuple[int, float]] = []
+
+  def mark(self, step: int, seconds: float) -> None:
+    self._marks.append((int(step), float(seconds)))
+    # Keep the newest mark at least `window` steps back, and what follows it.
+    while len(self._marks) > 2 and self._marks[-1][0] - self._marks[1][0] >= self.window:
+      self._marks.pop(0)
+
+  def seconds_per_step(self) -> float | None:
+    return windowed_seconds_per_step(self._marks, self.window)
+
+
+def windowed_seconds_per_step(marks: Sequence[tuple[int, float]], window: int) -> float | None:
+  """Mean seconds per step between the newest mark and the newest mark at least
+  `window` steps before it (the oldest mark when none is that old).
+
+  marks: (step, cumulative seconds) in increasing step order. None with fewer than
+  two marks (no interval yet).
+  """
+  if len(marks) < 2:
+    return None
+  last_step, last_t = marks[-1]
+  first_step, first_t = marks[0]
+  for step, t in reversed(marks[:-1]):
+    if last_step - step >= window:
+      first_step, first_t = step, t
+      break
+  if last_step <= first_step:
+    raise ValueError(f"step-time marks must increase in step; got {first_step} then {last_step}")
+  return (last_t - first_t) / (last_step - first_step)
 
 
 def _addressable(value: Any) -> Any:

@@ -3,13 +3,20 @@
 `Generator.generate(prompts, ...)` runs right-padded prompts (token ids, each
 starting with the context `<s>`) through one jitted `prefill` and then decodes
 with a jitted `jax.lax.while_loop` over `Transformer.decode_step`. With memory,
-the loop is cut into SEGMENTS at the chunk boundaries where the retrieval
-schedule (m3jax.retrieval.schedule) asks for new memories: between segments the
-host reads the tokens generated so far, retrieves the next chunk's memories for
-the rows that crossed a boundary, and swaps them into the [B, M, ...] memory
-array the next segment reads. Shapes never change between segments (the step
-limit is a traced scalar), so nothing recompiles per chunk: one compile per
+the memories live in the KV cache (m3jax.model.kv_cache, docs/model.md "Memory
+attention"): the loop is cut into SEGMENTS at the chunk boundaries where the
+retrieval schedule (m3jax.retrieval.schedule) asks for new memories; each segment
+first places the current memories into the cache's memory slots, then generates
+its tokens on the device with no host round trip, each step one attention over
+the cache. Between segments the host retrieves the next chunk's memories for the
+rows that cross a boundary. The query of a boundary (the L tokens before it) is
+known one step before the boundary's step, so that step (which still reads the
+old chunk's memories) is dispatched first and runs on the device while the host
+searches the index and reads the bank. Shapes never change between segments (the
+step limit is a traced scalar), so nothing recompiles per chunk: one compile per
 (batch, padded prompt length, max_new_tokens, sampling kind, memory on/off).
+(Because of that overlap, a row whose eos is the token just before a boundary
+still retrieves once; its tokens are unaffected.)
 
 Rows of different lengths stay aligned to the same chunk grid because prompts
 are right-padded (chunk c always covers context indices [c*L, (c+1)*L)); a row
@@ -135,7 +142,8 @@ def _compiled(config: ModelConfig):
   def prefill(params, tokens, lengths, memories, memory_mask, key, temperature, top_p, *,
               greedy, nucleus, max_new, max_length, with_prefix, stop_at_eos):
     b = tokens.shape[0]
-    cache = decoding.init_cache(config, b, max_length, with_prefix=with_prefix)
+    cache = decoding.init_cache(config, b, max_length, with_prefix=with_prefix,
+                                with_memory=memories is not None)
     logits, cache = model.apply({"params": params}, tokens, cache, lengths=lengths,
                                 memories=memories, memory_mask=memory_mask, last_only=True,
                                 method=Transformer.prefill)
@@ -147,14 +155,19 @@ def _compiled(config: ModelConfig):
 
   def segment(params, state, memories, memory_mask, stop, key, temperature, top_p, *, greedy,
               nucleus, stop_at_eos):
-    """Decodes until step `stop` (exclusive) or every row is done, with fixed memories."""
+    """Places `memories` [B, M, ...] (if any) into the cache's memory slots once, then
+    decodes until step `stop` (exclusive) or every row is done: each step is one
+    attention over the cache, with no host involvement inside the loop."""
+    if memories is not None:
+      state = state._replace(cache=decoding.place_memories(config, state.cache, memories,
+                                                           memory_mask))
 
     def cond(s):
       return (s.step < stop) & ~jnp.all(s.done)
 
     def body(s):
-      logits, cache = model.apply({"params": params}, s.last, s.cache, memories=memories,
-                                  memory_mask=memory_mask, method=Transformer.decode_step)
+      logits, cache = model.apply({"params": params}, s.last, s.cache,
+                                  method=Transformer.decode_step)
       tok = sample_tokens(logits, jax.random.fold_in(key, s.step), temperature, top_p,
                           greedy=greedy, nucleus=nucleus)
       tok = jnp.where(s.done, config.pad_id, tok)
@@ -184,7 +197,9 @@ class Generator:
                sampling: Sampling = Sampling(), key: jax.Array | None = None,
                memory: schedule.MemoryRetrieval | None = None,
                filter_texts: Sequence[str | None] | None = None, stop_at_eos: bool = True,
-               with_prefix: bool | None = None) -> GenerationOutput:
+               with_prefix: bool | None = None,
+               on_first_token: Callable[[np.ndarray], None] | None = None
+               ) -> GenerationOutput:
     """Completes a batch of prompts.
 
     Args:
@@ -196,6 +211,8 @@ class Generator:
       filter_texts: per row, the text the leakage filter compares references with.
       stop_at_eos: stop a row at its first eos (excluded from `lengths`).
       with_prefix: the `<s>Reference:` prefix (default: only with memory).
+      on_first_token: called with the first generated token of every row ([B]
+        int32) as soon as it is on the host (time-to-first-token measurements).
     """
     cfg = self.config
     if max_new_tokens < 1:
@@ -226,6 +243,8 @@ class Generator:
                           None if mask is None else jnp.asarray(mask), key, temperature, top_p,
                           max_new=max_new_tokens, max_length=max_length,
                           with_prefix=with_prefix, **static)
+    if on_first_token is not None:
+      on_first_token(np.asarray(state.last))
     dec_mem = dec_mask = None
     if memory is not None:
       rows = np.arange(b)
@@ -237,28 +256,45 @@ class Generator:
     step = 1
     done = np.asarray(state.done)
     while step < max_new_tokens and not done.all():
-      if memory is not None:
-        # Feeding generated token `step - 1` (context index n + step - 1) of each row.
-        due = [r for r in range(b) if not done[r]
-               and schedule.retrieves_before(n_prompts[r] + step - 1, n_prompts[r], L)]
-        if due:
-          out = np.asarray(state.out)
-          queries, filters = [], []
-          for r in due:
-            i = n_prompts[r] + step - 1
-            context = np.concatenate([tokens[r, :n_prompts[r]], out[r, :step]])
-            queries.append(context[i - L:i].tolist())
-            filters.append(None if filter_texts is None else filter_texts[r])
-          new_mem, new_mask = memory.fetch(queries, None if filter_texts is None else filters)
-          dec_mem[due], dec_mask[due] = new_mem, new_mask
-          dev_mem, dev_mask = jnp.asarray(dec_mem), jnp.asarray(dec_mask)
-        stop = min(max_new_tokens, self._next_boundary(step, n_prompts))
-      else:
-        stop = max_new_tokens
+      if memory is None:
+        state = self._segment(self.params, state, None, None,
+                              jnp.asarray(max_new_tokens, jnp.int32), key, temperature, top_p,
+                              **static)
+        step, done = int(state.step), np.asarray(state.done)
+        continue
+      # Step s feeds generated token s - 1 (context index n + s - 1) of every row.
+      s = self._next_retrieval(step, n_prompts, done, max_new_tokens)
+      if s is None or s - 1 > step:
+        # Decode up to the step before the next retrieval: after it, the query's
+        # last token (context index n + s - 2) is known.
+        stop = max_new_tokens if s is None else s - 1
+        state = self._segment(self.params, state, dev_mem, dev_mask,
+                              jnp.asarray(stop, jnp.int32), key, temperature, top_p, **static)
+        step, done = int(state.step), np.asarray(state.done)
+        continue
+      out = np.asarray(state.out)
+      due = [r for r in range(b) if not done[r]
+             and schedule.retrieves_before(n_prompts[r] + s - 1, n_prompts[r], L)]
+      queries, filters = [], []
+      for r in due:
+        i = n_prompts[r] + s - 1
+        context = np.concatenate([tokens[r, :n_prompts[r]], out[r, :s - 1]])
+        queries.append(context[i - L:i].tolist())
+        filters.append(None if filter_texts is None else filter_texts[r])
+      if step < s:
+        # Overlap: the device runs step s - 1 (still the old chunk's memories) while
+        # the host retrieves and reads the bank for step s.
+        state = self._segment(self.params, state, dev_mem, dev_mask,
+                              jnp.asarray(s, jnp.int32), key, temperature, top_p, **static)
+      new_mem, new_mask = memory.fetch(queries, None if filter_texts is None else filters)
+      dec_mem[due], dec_mask[due] = new_mem, new_mask
+      dev_mem, dev_mask = jnp.asarray(dec_mem), jnp.asarray(dec_mask)
+      stop = self._next_retrieval(s + 1, n_prompts, np.asarray(state.done), max_new_tokens)
+      stop = max_new_tokens if stop is None else stop - 1
       state = self._segment(self.params, state, dev_mem, dev_mask,
-                            jnp.asarray(stop, jnp.int32), key, temperature, top_p, **static)
-      step = int(state.step)
-      done = np.asarray(state.done)
+                            jnp.asarray(max(stop, s + 1), jnp.int32), key, temperature, top_p,
+                            **static)
+      step, done = int(state.step), np.asarray(state.done)
 
     out = np.asarray(state.out)
     is_eos = out == cfg.eos_id if stop_at_eos else np.zeros(out.shape, bool)
@@ -269,17 +305,22 @@ class Generator:
     return GenerationOutput(out.astype(np.int32), gen_lengths.astype(np.int32), stopped,
                             int(retrievals))
 
-  def _next_boundary(self, step: int, n_prompts: Sequence[int]) -> int:
-    """The first step > `step` at which some row feeds a token that opens a new chunk."""
+  def _next_retrieval(self, step: int, n_prompts: Sequence[int], done: np.ndarray,
+                      max_new_tokens: int) -> int | None:
+    """The first step >= `step` at which a row that is not done feeds a token that
+    retrieves new memories (`schedule.retrieves_before`), or None before max_new_tokens."""
     L = self.config.chunk_length
     best = None
-    for n in n_prompts:
-      # Step s feeds context index n + s - 1; the next boundary index after n + step - 1.
-      i = n + step - 1
-      nxt = (i // L + 1) * L
-      s = nxt - n + 1
+    for n, finished in zip(n_prompts, done):
+      if finished:
+        continue
+      i = n + step - 1  # the context index step `step` feeds
+      i = -(-i // L) * L  # the next chunk-opening index
+      if i <= n:  # the chunk after the prompt reuses the last prompt chunk's memories
+        i = (n // L + 1) * L
+      s = i - n + 1
       best = s if best is None else min(best, s)
-    return int(best)
+    return None if best is None or best >= max_new_tokens else int(best)
 
 
 # ---------------------------------------------------------------------------

@@ -9,9 +9,11 @@ chunks and concatenated to the context logits before the softmax. Memory keys
 already carry their rotary embedding (applied when the reference was encoded),
 so nothing here knows where memories came from: keys, values and a mask arrive.
 
-Layouts: q [B, Tq, H, d]; k, v [B, S, H_kv, d]; mask [B or 1, Tq, S] (True =
-visible). Query heads are grouped as H = H_kv * group, query head h uses KV head
-h // group (Hugging Face `repeat_kv`).
+Layouts: q [B, Tq, H, d]; k, v [B, S, H_kv, d]; mask [B or 1, Tq, S], or
+[B or 1, H_kv, Tq, S] when visibility differs per KV head (True = visible; a
+decode step over a cache holding memories, m3jax.model.kv_cache). Query heads
+are grouped as H = H_kv * group, query head h uses KV head h // group (Hugging
+Face `repeat_kv`).
 """
 
 from __future__ import annotations
@@ -149,7 +151,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | SlotMask,
   Args:
     q: [B, Tq, H, d] queries (rotary embedding applied).
     k, v: [B, S, H_kv, d] context keys (rotary applied) and values.
-    mask: [B or 1, Tq, S] bool, which context keys each query sees (or a SlotMask).
+    mask: [B or 1, Tq, S] bool, which context keys each query sees, or
+      [B or 1, H_kv, Tq, S] per KV head (or a SlotMask).
     memory: memory tokens per chunk ([B, C, H_kv, N, d]) or None.
     query_offset: queries before it see no memory (the `<s>Reference:` prefix).
     chunk_length: queries query_offset + c*chunk_length ... + chunk_length - 1
@@ -171,7 +174,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | SlotMask,
     mask = mask.dense(s)
   qg = q.reshape(b, tq, h_kv, g, d)
   logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-  logits = jnp.where(mask[:, None, None], logits, NEG)
+  logits = jnp.where(mask[:, None, None] if mask.ndim == 3 else mask[:, :, None], logits, NEG)
 
   if memory is not None:
     c = memory.keys.shape[1]

@@ -35,7 +35,7 @@ from m3jax.model import rope
 from m3jax.model import sparsify
 from m3jax.core.config import ModelConfig
 from m3jax.model.dtypes import JNP_DTYPES
-from m3jax.model.kv_cache import KVCache, position_offset
+from m3jax.model.kv_cache import KVCache, decode_masks, place_memories, position_offset
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole block
@@ -146,15 +146,19 @@ class Attention(nn.Module):
 
     keys, values, new_cache = k_rot, v, None
     if cache is not None:
-      ck, cv = cache
+      ck, cv = cache  # [B, H_kv, S, d] (m3jax.model.kv_cache)
       if mode.decode:  # one new token per sequence, at its own slot (in place)
         rows = jnp.arange(ck.shape[0])
-        ck = ck.at[rows, slot].set(k_rot[:, 0].astype(ck.dtype))
-        cv = cv.at[rows, slot].set(v[:, 0].astype(cv.dtype))
-        keys, values = ck.astype(k_rot.dtype), cv.astype(v.dtype)
+        ck = ck.at[rows, :, slot].set(k_rot[:, 0].astype(ck.dtype))
+        cv = cv.at[rows, :, slot].set(v[:, 0].astype(cv.dtype))
+        # attend's [B, S, H_kv, d] view; XLA folds the swap into the matmuls.
+        keys = jnp.swapaxes(ck, 1, 2).astype(k_rot.dtype)
+        values = jnp.swapaxes(cv, 1, 2).astype(v.dtype)
       else:  # prefill: the whole (prefix +) prompt from slot 0
-        ck = jax.lax.dynamic_update_slice_in_dim(ck, k_rot.astype(ck.dtype), 0, axis=1)
-        cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), 0, axis=1)
+        ck = jax.lax.dynamic_update_slice_in_dim(
+            ck, jnp.swapaxes(k_rot, 1, 2).astype(ck.dtype), 0, axis=2)
+        cv = jax.lax.dynamic_update_slice_in_dim(
+            cv, jnp.swapaxes(v, 1, 2).astype(cv.dtype), 0, axis=2)
       new_cache = (ck, cv)
 
     want_mass = memory is not None and self.is_mutable_collection("intermediates")
@@ -261,8 +265,12 @@ class Transformer(nn.Module):
 
   def _layers(self, x, positions, mask, mode: Mode, *, memories=None, memory_mask=None,
               cache: KVCache | None = None, slot=None, select_valid=None,
-              n_layers: int | None = None):
-    """Runs layers 0..n_layers-1; returns (x, (k, v) per-layer caches or None, memories)."""
+              n_layers: int | None = None, layer_masks: dict | None = None):
+    """Runs layers 0..n_layers-1; returns (x, (k, v) per-layer caches or None, memories).
+
+    layer_masks: {layer: (mask, slot)} for layers that see other keys than the rest
+    (decoding: the memory layers of a cache with memory slots).
+    """
     cfg = self.config
     mem_slot = {layer: i for i, layer in enumerate(cfg.memory_layers)}
     ck, cv = (list(cache.k), list(cache.v)) if cache is not None else (None, None)
@@ -276,8 +284,10 @@ class Transformer(nn.Module):
                                    _constrain(memory.values, _MEMORY_ACT), memory.mask)
       layer_mode = dataclasses.replace(mode, select=mode.select and i in mem_slot)
       layer_cache = (ck[i], cv[i]) if cache is not None else None
-      x, new_cache, sel = self.layers[i](x, positions, mask, memory, layer_cache, slot,
-                                         select_valid if layer_mode.select else None, layer_mode)
+      layer_mask, layer_slot = (layer_masks or {}).get(i, (mask, slot))
+      x, new_cache, sel = self.layers[i](x, positions, layer_mask, memory, layer_cache,
+                                         layer_slot, select_valid if layer_mode.select else None,
+                                         layer_mode)
       if new_cache is not None:
         ck[i], cv[i] = new_cache
       if sel is not None:
@@ -423,27 +433,33 @@ class Transformer(nn.Module):
                   memory_mask: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
     """Appends one token per sequence; returns (logits [B, V], cache).
 
-    tokens [B] sit at context index `cache.length`. memories [B, M, L_mem, 2, H_mem,
-    k, d_h] are those of that token's chunk (`decoding.chunk_of_next_token`),
-    memory_mask [B, M] or broadcastable to [B, M, L_mem, H_mem, k]. The caller
-    keeps `cache.length < cache.max_length` (writes past the end are dropped).
+    tokens [B] sit at context index `cache.length`. The step is one attention over
+    the cache: the prefix, the causal context and, in the memory layers of a cache
+    made with `with_memory=True`, the memories placed in its memory slots
+    (`kv_cache.place_memories`, once per chunk: those of the chunk of the token,
+    `kv_cache.chunk_of_next_token`). memories [B, M, L_mem, 2, H_mem, k, d_h]
+    given here are placed first (memory_mask [B, M] or broadcastable to
+    [B, M, L_mem, H_mem, k]). The caller keeps `cache.length < cache.max_length`
+    (writes past the end are dropped).
     """
     cfg = self.config
-    b = tokens.shape[0]
     if memories is not None:
-      if not cache.prefix_length:
-        raise ValueError("decode_step with memories needs a cache made with with_prefix=True")
-      memories = jnp.asarray(memories)[:, None]
-      if memory_mask is not None:
-        memory_mask = jnp.asarray(memory_mask)[:, None]
-      memories, memory_mask = self._check_memories(memories, memory_mask, 1, b, n_chunks=1)
+      if not cache.with_memory:
+        raise ValueError("decode_step with memories needs a cache made with "
+                         "with_prefix=True, with_memory=True")
+      cache = place_memories(cfg, cache, memories, memory_mask)
     slot = cache.prefix_length + cache.length  # [B]
     positions = (position_offset(cfg, cache) + cache.length)[:, None].astype(jnp.int32)
     x = _constrain(self.embed(jnp.asarray(tokens, jnp.int32)[:, None]), _EMBED_ACT)
-    mask = (jnp.arange(cache.slots)[None, :] <= slot[:, None])[:, None, :]  # [B, 1, S]
+    mask, memory_masks = decode_masks(cache, slot)  # [B, 1, S], [B, L_mem, H_kv, 1, S + N]
+    layer_masks = {}
+    if memory_masks is not None:
+      # A write past the context slots must be dropped, not land on a memory slot.
+      mem_slot = jnp.where(slot < cache.slots, slot, cache.slots + cache.memory_tokens)
+      layer_masks = {layer: (memory_masks[:, j], mem_slot)
+                     for j, layer in enumerate(cache.memory_layers)}
     x, (k, v), _ = self._layers(x, positions, mask, Mode(chunk_length=1, decode=True),
-                                memories=memories, memory_mask=memory_mask, cache=cache,
-                                slot=slot)
+                                cache=cache, slot=slot, layer_masks=layer_masks)
     return self._logits(x)[:, 0], cache.replace(k=k, v=v, length=cache.length + 1)
 
 

@@ -400,7 +400,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None
     flops_per_token *= 4 / 3
   _say(f"train: stage={t.stage} memory={'on' if ctx.use_memory else 'off'} mesh="
        f"{dict(ctx.mesh.shape)} devices={n_devices} tokens/step={tokens_per_step} "
-       f"MFU peak={peak:.3g} FLOP/s/device ({peak_src})")
+       f"MFU peak={peak:.3g} FLOP/s/device ({peak_src}); tok/s and MFU over the last "
+       f"{int(t.throughput_window)} steps")
 
   writer = metrics_lib.MetricWriter(workdir)
   acc = metrics_lib.MetricAccumulator(last=("lr",))
@@ -409,6 +410,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None
   start_step, last_log_time, last_log_step = step, time.perf_counter(), step
   progress = Progress(total_steps, desc="train", unit="steps", every_s=progress_every_s,
                       initial=step, enabled=jax.process_index() == 0)
+  window = metrics_lib.StepTimeWindow(int(t.throughput_window))
+  train_seconds = 0.0  # step time since the first (compiling) step, eval/checkpoints excluded
   logged: dict[str, float] = {}
   try:
     while step < total_steps:
@@ -422,14 +425,18 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None
         last_log_time, last_log_step = time.perf_counter(), step
         write_run_config(cfg, workdir)  # the run has started: its config now describes it
         progress.mark(step)  # the rate and ETA leave compilation out
+        window.mark(step, train_seconds)
       if step % int(t.log_every) == 0 or step == total_steps:
         values = acc.fetch()  # waits for the device only here
         now = time.perf_counter()
-        dt = (now - last_log_time) / max(step - last_log_step, 1)
+        if step > last_log_step:
+          train_seconds += now - last_log_time
+          window.mark(step, train_seconds)
         last_log_time, last_log_step = now, step
+        dt = window.seconds_per_step() or 0.0
         values["perplexity"] = float(np.exp(min(values["loss"], 50.0)))
-        values["step_time_s"] = dt
-        values["tokens_per_s"] = tokens_per_step / dt
+        values["step_time_s"] = dt  # over the last train.throughput_window steps
+        values["tokens_per_s"] = tokens_per_step / dt if dt else 0.0
         values["mfu"] = values["tokens_per_s"] * flops_per_token / (peak * n_devices)
         logged = {f"train/{k}": v for k, v in values.items()}
         writer.write_scalars(step, logged)

@@ -21,6 +21,15 @@ def test_bench_decode_protocol_on_tiny(repo_root, tmp_path):
   assert r["modes"]["rag"]["context_tokens"] == 1 + 3 * 24 + 31
   for v in r["modes"].values():
     assert v["tokens_per_s"] > 0 and len(v["run_seconds"]) == 2
+    # The first token arrives within its run.
+    assert all(0 < f < t for f, t in zip(v["run_ttft_seconds"], v["run_seconds"]))
+  # Decode-step costs, counted: the memory slots and RAG's longer context are read.
+  steps = {m: v["decode_step"] for m, v in r["modes"].items()}
+  cache = [steps[m]["cache_bytes"] for m in ("none", "explicit", "rag")]
+  assert cache[0] < cache[1] < cache[2]
+  assert steps["none"]["bytes"] < steps["rag"]["bytes"] and steps["none"]["flops"] > 0
+  assert r["ttft_explicit_over_rag"] == pytest.approx(
+      r["modes"]["explicit"]["ttft_seconds"] / r["modes"]["rag"]["ttft_seconds"])
   assert r["explicit_over_none"] == pytest.approx(
       r["modes"]["explicit"]["tokens_per_s"] / r["modes"]["none"]["tokens_per_s"])
   assert r["bank"]["references"] == bench_decode.references_needed(2, 32, 32, 2, 16, 3)

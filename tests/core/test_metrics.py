@@ -125,3 +125,33 @@ def test_progress_mark_starts_a_fresh_interval_without_printing():
   now[0] = 60.0
   assert p.set(41) == "train: 41/100 steps (41.0%) | 1.00 steps/s | elapsed 1m00s | ETA 59s"
   assert lines == [p.line()]
+
+
+def test_step_time_window_averages_the_last_n_steps():
+  # Marks every 10 steps; steps 0..30 take 1 s each, then 3 s each (a loaded machine).
+  marks, t = [(0, 0.0)], 0.0
+  for step in range(10, 101, 10):
+    t += 10 * (1.0 if step <= 30 else 3.0)
+    marks.append((step, t))
+  w = metrics.StepTimeWindow(40)
+  assert w.seconds_per_step() is None
+  got = []
+  for step, secs in marks:
+    w.mark(step, secs)
+    got.append(w.seconds_per_step())
+  assert got[0] is None
+  assert got[1] == got[3] == 1.0  # fewer than 40 steps so far: everything since step 0
+  assert got[4] == pytest.approx((10 * 3.0 + 30 * 1.0) / 40)  # steps 0..40
+  assert got[5] == pytest.approx((20 * 3.0 + 20 * 1.0) / 40)  # steps 10..50
+  assert got[-1] == 3.0  # steps 60..100
+  # The pure function agrees on every prefix, and the window keeps few marks.
+  for i in range(2, len(marks) + 1):
+    assert metrics.windowed_seconds_per_step(marks[:i], 40) == pytest.approx(got[i - 1])
+  assert len(w._marks) <= 6
+  # Marks 15 steps apart with a 40-step window: the newest mark >= 40 steps back (step 15, then 30).
+  assert metrics.windowed_seconds_per_step([(0, 0.), (15, 15.), (30, 30.), (45, 60.),
+                                                (60, 90.)], 40) == pytest.approx(75 / 45)
+  assert metrics.windowed_seconds_per_step([(0, 0.), (15, 15.), (30, 30.), (45, 60.),
+                                                (60, 90.), (75, 120.)], 40) == 2.0
+  with pytest.raises(ValueError, match=">= 1 step"):
+    metrics.StepTimeWindow(0)

@@ -205,6 +205,17 @@ def test_no_memory_generation_matches_slow_reference(cfg, params, source, genera
                                  for p in prompts]
 
 
+@pytest.mark.slow
+def test_rag_generation_matches_slow_reference(cfg, params, source, generator, store):
+  """RAG = the plain model on references + prompt: the decode loop equals recomputation."""
+  prompts = _prompts(cfg)[:2]
+  got = rag_lib.rag_contexts(RecordingRetriever(cfg.memories_per_chunk), store, prompts,
+                             ["q a", "q b"], bos_id=cfg.bos_id)
+  out = generator.generate(got.contexts, max_new_tokens=6, stop_at_eos=False)
+  assert out.tokens.tolist() == [slow_greedy(cfg, params, source, c, 6, memory=False)
+                                 for c in got.contexts]
+
+
 def chain_params(cfg, params, chain):
   """Params whose greedy next token depends only on the current one: `chain[a] = b`.
 

@@ -96,7 +96,7 @@ def test_cache_shardings_follow_the_rules(sharded):
   mc, mesh, rules, _ = sharded
   cache = decoding.init_cache(mc, 4, 16, with_prefix=True)
   shard = decoding.cache_shardings(cache, mesh, rules)
-  assert all(s.spec == P(("data", "fsdp"), None, "tensor", None) for s in shard.k)
+  assert all(s.spec == P(("data", "fsdp"), "tensor", None, None) for s in shard.k)
   assert shard.length.spec == P(("data", "fsdp"))
   placed = jax.device_put(cache, shard)
   assert placed.prefix_length == cache.prefix_length
