@@ -108,7 +108,7 @@ def read_json(path: str) -> Any:
     raise InputError(f"{path} is not valid JSON ({e}); delete it to rebuild") from e
 
 
-class UnsafePathError(ValueError):
+class UnsafePathError(InputError):
   """A manifest names a path outside its own directory (absolute, `..`, or a symlink out)."""
 
 
