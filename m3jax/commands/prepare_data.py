@@ -23,7 +23,7 @@ from m3jax.core import workspace
 
 CONFIG_FIELDS = ("data.corpus", "data.files", "data.kb_files", "data.tfds_name",
                  "data.vocab_size", "data.workdir_data", "data.eval_fraction",
-                 "model.max_seq_len", "model.reference_length")
+                 "data.bad_records", "model.max_seq_len", "model.reference_length")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
