@@ -87,9 +87,8 @@ def get_config() -> ml_collections.ConfigDict:
   # or the training text itself (files / tfds).
   d.txt_docs = "blank_line"  # .txt documents: blank_line (blocks) | file (whole file)
   d.max_split_bytes = 256 << 20  # plain files larger than this are read in byte ranges
-  # A bad record in data.files / data.kb_files (invalid UTF-8 or JSON, no string text field):
-  # error (stop, naming file and line) | skip (print, count per file in the data manifest).
-  d.bad_records = "error"
+  # A bad record in data.files / data.kb_files: invalid UTF-8 or JSON, no string text field.
+  d.bad_records = "error"  # error (stop at it) | skip (print, count per file in the manifest)
   d.vocab_size = 8192
   d.tokenizer_model_type = "bpe"
   d.tokenizer_sample_chars = 200_000_000  # evenly spaced sample of train + KB text
