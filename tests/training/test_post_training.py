@@ -124,7 +124,7 @@ def test_stage_trains_with_memory_and_resumes_bitwise_after_sigkill(chat_workdir
   killed = _copy(chat_workdir, tmp_path, "killed")
   proc = subprocess.Popen(_run_cmd(flags, killed), env=_env(), cwd=REPO,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
+  deadline = time.time() + 900
   while not (killed / "checkpoints" / "2").is_dir():
     assert proc.poll() is None and time.time() < deadline, "run ended before step 2 was saved"
     time.sleep(0.05)
