@@ -34,18 +34,29 @@ PEAK_BF16_FLOPS = (
 )
 
 
-@functools.lru_cache(maxsize=None)
-def measured_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
-  """Best float32 matmul FLOP/s of the default device (used for CPUs)."""
+_SQUARE = jax.jit(lambda x: x @ x)
+
+
+def matmul_flops_now(n: int = 1024, repeats: int = 3) -> float:
+  """Best float32 n x n matmul FLOP/s of the default device over `repeats` tries, now.
+
+  Uncached: on a machine shared with other jobs the throughput it offers moves, and
+  a benchmark can probe it beside each timed step (m3jax.bench.train).
+  """
   a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
+  _SQUARE(a).block_until_ready()
   best = float("inf")
   for _ in range(repeats):
     t = time.perf_counter()
-    f(a).block_until_ready()
+    _SQUARE(a).block_until_ready()
     best = min(best, time.perf_counter() - t)
   return 2 * n**3 / best
+
+
+@functools.lru_cache(maxsize=None)
+def measured_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
+  """Best float32 matmul FLOP/s of the default device (used for CPUs), once per process."""
+  return matmul_flops_now(n, repeats)
 
 
 def peak_flops_per_device(override: float = 0.0, device: jax.Device | None = None
