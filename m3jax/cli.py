@@ -32,6 +32,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench decode": ("m3jax.commands.bench_decode", "decode tokens/s: explicit memory vs none vs RAG"),
     "demo": ("m3jax.commands.demo", "whole pipeline on the knowledge world with its evidence table"),
     "bench train": ("m3jax.commands.bench_train", "warmup vs continual step tokens/s and MFU"),
+    "bank update": ("m3jax.commands.bank_update",
+                    "add, replace, delete references in a finished bank (live knowledge edit)"),
 }
 
 def usage() -> str:
@@ -47,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     print(usage())
     return 0
   name = argv[1]
-  if name == "bench" and len(argv) > 2 and not argv[2].startswith("-"):
-    name = f"bench {argv[2]}"  # `m3jax bench KIND --flags`
+  if name in ("bench", "bank") and len(argv) > 2 and not argv[2].startswith("-"):
+    name = f"{name} {argv[2]}"  # `m3jax bench KIND --flags`, `m3jax bank update --flags`
     argv = [argv[0], name] + argv[3:]
   if name not in COMMANDS:
     print(f"m3jax: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
