@@ -1,7 +1,8 @@
 """The documents stage of prepare-data: where the train text and the knowledge base come from.
 
 `sources(cfg)` describes both before anything is built (these are the documents
-stage's settings), `build_documents` writes local files and the knowledge world into
+stage's settings), `build_documents` writes local files, Hugging Face datasets
+(data_pipeline.hf_corpus) and the knowledge world into
 `m3jax_documents` (splits train, kb) and, for the knowledge world, its questions into
 `m3jax_qa` (train, eval); a TFDS corpus is read in place. `doc_spec` is the opening
 spec (see `references.open_documents`) of the train or KB documents once built.
@@ -13,6 +14,7 @@ import os
 from typing import Any, Iterator
 
 from data_pipeline import corpus as corpus_lib
+from data_pipeline import hf_corpus
 from data_pipeline import knowledge_world as kw_lib
 from data_pipeline import tfds_builders
 
@@ -68,12 +70,20 @@ def sources(cfg: Any) -> dict[str, dict[str, Any]]:
   elif d.corpus == "files":
     out["train"] = _file_settings(corpus_lib.expand_files(list(d.files), "data.files"), d,
                                   d.text_field)
+  elif d.corpus == "hf":
+    out["train"] = hf_corpus.source_settings(d.hf_path, config=d.hf_config, split=d.hf_split,
+                                             text_field=d.text_field,
+                                             streaming=d.hf_streaming, what="data.hf_path")
   else:
     out["train"] = _tfds_settings(d.tfds_name, d.tfds_split, d.tfds_data_dir, d.text_field)
   kb_field = d.kb_text_field or d.text_field
   if d.kb_files:
     out["kb"] = _file_settings(corpus_lib.expand_files(list(d.kb_files), "data.kb_files"), d,
                                kb_field)
+  elif d.kb_hf_path:
+    out["kb"] = hf_corpus.source_settings(d.kb_hf_path, config=d.kb_hf_config,
+                                          split=d.kb_hf_split, text_field=kb_field,
+                                          streaming=d.hf_streaming, what="data.kb_hf_path")
   elif d.kb_tfds_name:
     out["kb"] = _tfds_settings(d.kb_tfds_name, d.kb_tfds_split,
                                d.kb_tfds_data_dir or d.tfds_data_dir, kb_field)
@@ -104,6 +114,9 @@ def build_documents(cfg: Any, sources: dict[str, dict[str, Any]], tmp: str) -> d
                                            max_split_bytes=src["max_split_bytes"])
       shards[split] = [_FileShard(s, src["text_field"], src["txt_docs"], counts[split])
                        for s in splits]
+    elif src["kind"] == "hf":
+      counts[split] = {}
+      shards[split] = hf_corpus.shards(src, counts[split], cfg.data.shard_docs)
   if shards:
     path = tfds_builders.write_dataset(
         tfds_builders.M3jaxDocuments, tmp, features=tfds_builders.DOCUMENT_FEATURES,
@@ -111,7 +124,7 @@ def build_documents(cfg: Any, sources: dict[str, dict[str, Any]], tmp: str) -> d
     sizes = tfds_builders.split_sizes(path)
     for split in shards:
       if sizes.get(split, 0) == 0:
-        what = {"train": "data.files", "kb": "data.kb_files"}[split]
+        what = sources[split].get("what") or {"train": "data.files", "kb": "data.kb_files"}[split]
         files = ", ".join(f for f, _ in sources[split].get("files", [])) or split
         raise corpus_lib.CorpusError(f"{what}: empty corpus: no non-blank documents in {files}")
     info["documents"] = dict(path=os.path.relpath(path, tmp), splits=sizes,

@@ -34,6 +34,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench train": ("m3jax.commands.bench_train", "warmup vs continual step tokens/s and MFU"),
     "bank update": ("m3jax.commands.bank_update",
                     "add, replace, delete references in a finished bank (live knowledge edit)"),
+    "demo-edit": ("m3jax.commands.demo_edit",
+                  "live knowledge edit on a finished demo workdir, with its evidence table"),
 }
 
 def usage() -> str:

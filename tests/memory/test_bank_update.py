@@ -205,7 +205,8 @@ def test_cli_edit_killed_mid_way_is_finished_by_a_rerun(kb, edited, tmp_path, re
             "  k['on_step'] = lambda s: os.kill(os.getpid(), 9) if s == 'shards' else None\n"
             "  return orig(*a, **k)\n"
             "b.update_bank = upd\n"
-            "from m3jax import cli\nsys.exit(cli.main(['m3jax', 'bank', 'update'] + sys.argv[1:]))\n")
+            "from m3jax import cli\n"
+            "sys.exit(cli.main(['m3jax', 'bank', 'update'] + sys.argv[1:]))\n")
   p = subprocess.run([sys.executable, "-c", killer] + args, env=env, capture_output=True)
   assert p.returncode == -9
   assert "version" not in bank_edits.read_meta(bank)
