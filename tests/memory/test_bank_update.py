@@ -12,7 +12,6 @@ import pytest
 
 from data_pipeline import prepared
 from m3jax.core import workspace
-from m3jax.core.config import model_config
 from m3jax.memory import bank_edits
 from m3jax.memory import bank_format
 from m3jax.memory import edit_job
@@ -21,9 +20,7 @@ from m3jax.memory import encoder as encoder_lib
 from m3jax.memory.bank_reader import MemoryBank
 from m3jax.model import params_io
 from m3jax.model.transformer import init_params
-from m3jax.retrieval import reference_index
 from m3jax.retrieval import retriever as retriever_lib
-from m3jax.retrieval.index import IndexSettings
 
 # The module fixture prepares, indexes and encodes a tiny knowledge base (~60 s on 2 cores).
 pytestmark = pytest.mark.slow
@@ -33,29 +30,13 @@ ADDED = "Quirina Vossberg studied underwater basket weaving at the Academy of Br
 
 
 @pytest.fixture(scope="module")
-def kb(tiny_prepared, tmp_path_factory):
-  """A data root with its index, a params dir and a finished bank (shards of 64)."""
-  cfg, prepared_dir = tiny_prepared
-  work = tmp_path_factory.mktemp("kb")
-  shutil.copytree(os.path.join(prepared_dir, "data"), work / "data")
-  cfg = cfg.copy_and_resolve_references()
-  cfg.data.workdir_data = str(work / "data")
-  cfg.bank.shard_size = 64
-  cfg.bank.encode_batch_size = 16
-  reference_index.build_reference_index(cfg, str(work), progress_every_s=None,
-                                        settings=IndexSettings(force_brute_force=True))
-  mc = model_config(cfg)
-  params = init_params(mc, jax.random.key(0))
-  params_io.save_params(str(work / "params"), params, cfg)
-  encode_job.run(cfg, checkpoint=str(work / "params"), checkpoint_config=cfg, params=params,
-                 step=None, references=str(work / "data"), out=str(work / "bank"),
-                 printer=lambda _: None, progress_every_s=1e9)
-  edits = work / "edits"
-  edits.mkdir()
+def kb(tiny_knowledge_base, tmp_path_factory):
+  """The shared tiny knowledge base (tests/conftest.py) and this module's edit files."""
+  edits = tmp_path_factory.mktemp("edits")
   (edits / "replace.jsonl").write_text(json.dumps(dict(ref_id=5, text=NEW_TEXT)) + "\n")
   (edits / "add.jsonl").write_text(json.dumps(dict(text=ADDED)) + "\n")
-  return dict(cfg=cfg, mc=mc, params=params, work=work, root=str(work / "data"),
-              replace=str(edits / "replace.jsonl"), add=str(edits / "add.jsonl"))
+  return dict(tiny_knowledge_base, replace=str(edits / "replace.jsonl"),
+              add=str(edits / "add.jsonl"))
 
 
 def _copy_bank(kb, tmp_path):
