@@ -171,6 +171,9 @@ def run_edit_demo(workdir: str, *, people: int = 100, eval_limit: int = 480,
   follows_any = [i for i in range(n_e) if exact_match(_first_sentence(after[i]),
                                                       chosen[i]["new"])]
   unchanged = [i for i in range(n_e, len(items)) if before[i] == after[i]]
+  names = [c["name"] for c in chosen]
+  same_person = {i for i in range(n_e, len(items)) if any(n in items[i].question for n in names)}
+  unchanged_same = [i for i in unchanged if i in same_person]
   full_s, full_refs = _full_encode_seconds(cfg, workdir, root, log)
   report = dict(
       workdir=workdir, people=people, edited_questions=n_e,
@@ -179,6 +182,8 @@ def run_edit_demo(workdir: str, *, people: int = 100, eval_limit: int = 480,
       follows_edit_share_all=len(follows_any) / max(n_e, 1),
       other_questions=len(others), others_unchanged=len(unchanged),
       others_unchanged_share=len(unchanged) / max(len(others), 1),
+      other_questions_on_edited_people=len(same_person),
+      others_on_edited_people_unchanged=len(unchanged_same),
       edit_seconds=edit_s, edit_references_encoded=result.references_encoded,
       edit_encode_seconds=result.encode_seconds, shards_rewritten=len(result.shards_written),
       full_encode_seconds=full_s, full_encode_references=full_refs,
@@ -204,6 +209,12 @@ def format_report(r: dict[str, Any]) -> str:
       ("(b) other answers unchanged",
        f"{r['others_unchanged']}/{r['other_questions']} = {r['others_unchanged_share']:.1%}",
        f">= {t['others_unchanged']:.0%}"),
+      ("    of which on the edited people's other facts",
+       f"{r['others_on_edited_people_unchanged']}/{r['other_questions_on_edited_people']}",
+       ""),
+      ("    of which on everyone else",
+       f"{r['others_unchanged'] - r['others_on_edited_people_unchanged']}/"
+       f"{r['other_questions'] - r['other_questions_on_edited_people']}", ""),
       ("(c) edit wall time (all steps) vs full re-encode of the bank",
        f"{r['edit_seconds']:.1f} s ({r['edit_references_encoded']} refs, "
        f"{r['shards_rewritten']} shards) vs {r['full_encode_seconds']:.1f} s "
