@@ -6,16 +6,17 @@ On a workdir where `m3jax demo` has finished (a copy: the bank is edited in plac
 
 1. picks the first `people` unseen people of the knowledge world (nothing about them is
    in the training text; their facts live only in the knowledge base) and gives each a
-   new birth city, the next city of the value list;
-2. answers, with explicit memory and the leakage filter on, one birth-city question per
-   edited person plus the held-out knowledge-world questions of the demo's eval
+   new value of `attribute` (default birth city), the next one of its value list;
+2. answers, with explicit memory and the leakage filter on, one question on that
+   attribute per edited person plus the held-out knowledge-world questions of the demo's eval
    (`eval_limit`, an equal share per group, as `demo.eval_limit`), before the edit;
-3. replaces each edited person's knowledge-base sentence "X was born on D in C." with
-   the one naming the new city (`m3jax bank update --replace`, m3jax.memory.edit_job);
+3. replaces each edited person's knowledge-base sentence stating it ("X was born on D in
+   C.") with the one naming the new value (`m3jax bank update --replace`,
+   m3jax.memory.edit_job);
 4. answers the same questions again from the edited bank and index.
 
 Reported: (a) among the edited questions answered correctly before, the share whose
-answer is now the new city (target >= 80%); (b) the share of all other answers that did
+answer is now the new value (target >= 80%); (b) the share of all other answers that did
 not change (target >= 98%); (c) the edit's wall time (`m3jax bank update`, all of it:
 loading the model and index included) against a full re-encode of the bank measured in the
 same run (the same checkpoint and settings; written to a scratch directory, then deleted).
@@ -47,7 +48,9 @@ from m3jax.model import params_io
 
 REPORT_FILE = "edit_demo.json"
 TARGETS = dict(follows_edit=0.80, others_unchanged=0.98)
-BIRTH_SENTENCE = kw_lib.KB_SENTENCE_OF["birth_city"]
+# Attributes an edit may change alone (employer and employer_city are one fact; dates have
+# no value list).
+EDITABLE = ("birth_city", "university", "field", "hobby", "instrument")
 
 
 def _say(msg: str) -> None:
@@ -62,27 +65,33 @@ def _sentence_refs(refs: Any) -> dict[int, int]:
   return {int(d): int(i) for i, d in zip(ids.tolist(), docs.tolist()) if counts[d] == 1}
 
 
-def plan_edit(cfg: Any, refs: Any, people: int) -> tuple[list[dict[str, Any]], dict[int, str]]:
-  """The edited people (name, old and new city, ref_id) and the replacements {ref_id: text}."""
+def plan_edit(cfg: Any, refs: Any, people: int, attribute: str = "birth_city"
+              ) -> tuple[list[dict[str, Any]], dict[int, str]]:
+  """The edited people (name, old and new value, ref_id) and the replacements {ref_id: text}."""
+  if attribute not in EDITABLE:
+    raise ValueError(f"--attribute={attribute!r}: one of {EDITABLE}")
   world = kw_lib.generate(cfg.data.knowledge_world)
   one_ref = _sentence_refs(refs)
+  values = kw_lib.value_lists()[attribute]
+  sentence = kw_lib.KB_SENTENCE_OF[attribute]
   chosen, replace = [], {}
   for e in world.entities:
     if len(chosen) == people:
       break
-    doc = e.id * len(kw_lib.KB_SENTENCES) + BIRTH_SENTENCE
+    doc = e.id * len(kw_lib.KB_SENTENCES) + sentence
     if e.group != "unseen" or doc not in one_ref:
       continue
-    old = e.attributes["birth_city"]
-    new = kw_lib.CITIES[(kw_lib.CITIES.index(old) + 1) % len(kw_lib.CITIES)]
-    text = kw_lib.kb_sentences(e)[BIRTH_SENTENCE]
+    old = e.attributes[attribute]
+    new = values[(values.index(old) + 1) % len(values)]
+    text = kw_lib.kb_sentences(e)[sentence]
     if refs.texts_by_ids([one_ref[doc]])[0] != text:
-      raise RuntimeError(f"ref_id {one_ref[doc]} is not {e.name}'s birth sentence")
-    replace[one_ref[doc]] = kw_lib.KB_SENTENCES[BIRTH_SENTENCE].format(
-        name=e.name, **{**e.attributes, "birth_city": new})
+      raise RuntimeError(f"ref_id {one_ref[doc]} is not {e.name}'s sentence {text!r}")
+    replace[one_ref[doc]] = kw_lib.KB_SENTENCES[sentence].format(
+        name=e.name, **{**e.attributes, attribute: new})
     chosen.append(dict(entity_id=e.id, name=e.name, old=old, new=new, ref_id=one_ref[doc]))
   if len(chosen) < people:
-    raise RuntimeError(f"only {len(chosen)} unseen people have a one-reference birth sentence")
+    raise RuntimeError(f"only {len(chosen)} unseen people have a one-reference sentence "
+                       f"stating their {attribute}")
   return chosen, replace
 
 
@@ -124,7 +133,8 @@ def _first_sentence(text: str) -> str:
   return text.split(".")[0].split("\n")[0].strip()
 
 
-def run_edit_demo(workdir: str, *, people: int = 100, eval_limit: int = 480,
+def run_edit_demo(workdir: str, *, people: int = 100, attribute: str = "birth_city",
+                  eval_limit: int = 480,
                   batch_size: int = 32, max_new_tokens: int = 12,
                   log: Callable[[str], None] = _say) -> dict[str, Any]:
   """Runs the edit on `workdir` (a finished demo workdir; its bank is edited in place)."""
@@ -137,16 +147,16 @@ def run_edit_demo(workdir: str, *, people: int = 100, eval_limit: int = 480,
   root = os.path.join(workdir, "data")  # a copied workdir's own data (the config may name
   if not os.path.isfile(os.path.join(root, workspace.DATA_MANIFEST)):  # the original's)
     root = workspace.data_root(cfg, workdir)
-  chosen, replace = plan_edit(cfg, prepared.open_references(root), people)
+  chosen, replace = plan_edit(cfg, prepared.open_references(root), people, attribute)
   edited_ids = {c["entity_id"] for c in chosen}
-  q, lead = kw_lib.QUESTION_TEMPLATES["birth_city"][0], kw_lib.ANSWER_LEADS["birth_city"]
+  q, lead = kw_lib.QUESTION_TEMPLATES[attribute][0], kw_lib.ANSWER_LEADS[attribute]
   edited_items = [eval_tasks.QAItem(kw_lib.qa_prompt(q.format(name=c["name"]),
                                                      lead.format(name=c["name"])),
                                     c["old"], q.format(name=c["name"]), "unseen")
                   for c in chosen]
   by_group: dict[str, list[eval_tasks.QAItem]] = {}
   for x in prepared.read_questions(root, "eval"):
-    if not (x.entity_id in edited_ids and x.attribute == "birth_city"):
+    if not (x.entity_id in edited_ids and x.attribute == attribute):
       by_group.setdefault(x.group, []).append(
           eval_tasks.QAItem(x.prompt, x.answer, x.question, x.group))
   share = (eval_limit // max(len(by_group), 1)) if eval_limit else None
@@ -176,7 +186,7 @@ def run_edit_demo(workdir: str, *, people: int = 100, eval_limit: int = 480,
   unchanged_same = [i for i in unchanged if i in same_person]
   full_s, full_refs = _full_encode_seconds(cfg, workdir, root, log)
   report = dict(
-      workdir=workdir, people=people, edited_questions=n_e,
+      workdir=workdir, people=people, attribute=attribute, edited_questions=n_e,
       correct_before=len(correct_before), follows_edit=len(follows),
       follows_edit_share=len(follows) / max(len(correct_before), 1),
       follows_edit_share_all=len(follows_any) / max(n_e, 1),
@@ -201,7 +211,8 @@ def format_report(r: dict[str, Any]) -> str:
   """The evidence table (markdown)."""
   t = r["targets"]
   rows = [
-      ("(a) edited questions answered with the new city, of those correct before",
+      (f"(a) edited questions ({r['attribute']}) answered with the new value, of those "
+       "correct before",
        f"{r['follows_edit']}/{r['correct_before']} = {r['follows_edit_share']:.1%}",
        f">= {t['follows_edit']:.0%}"),
       ("    (of all edited questions)",
