@@ -72,7 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
   d = c.data = ml_collections.ConfigDict()
   d.workdir_data = "data"  # relative to the workdir unless absolute
   d.tokenizer = ""  # path to a .model; empty = <workdir>/data/tokenizer.model
-  d.corpus = "knowledge_world"  # knowledge_world | files | tfds
+  d.corpus = "knowledge_world"  # knowledge_world | files | tfds | hf
   d.files = ml_collections.FieldReference(None, field_type=tuple)
   d.text_field = "text"
   d.tfds_name = ""
@@ -83,8 +83,17 @@ def get_config() -> ml_collections.ConfigDict:
   d.kb_tfds_split = "train"
   d.kb_tfds_data_dir = ""  # empty = tfds_data_dir
   d.kb_text_field = ""  # empty = text_field
-  # Knowledge base = kb_files, else kb_tfds_name, else the corpus's own (knowledge_world)
-  # or the training text itself (files / tfds).
+  # Hugging Face datasets (data_pipeline/hf_corpus.py): a save_to_disk directory, data files
+  # (.parquet/.arrow/.json[l], comma-separated, globs allowed) or a Hub name.
+  d.hf_path = ""
+  d.hf_config = ""
+  d.hf_split = "train"
+  d.hf_streaming = False  # data files / Hub: read as an IterableDataset (no full copy)
+  d.kb_hf_path = ""  # knowledge base from a Hugging Face dataset (same forms as hf_path)
+  d.kb_hf_config = ""
+  d.kb_hf_split = "train"
+  # Knowledge base = kb_files, else kb_hf_path, else kb_tfds_name, else the corpus's own
+  # (knowledge_world) or the training text itself (files / tfds / hf).
   d.txt_docs = "blank_line"  # .txt documents: blank_line (blocks) | file (whole file)
   d.max_split_bytes = 256 << 20  # plain files larger than this are read in byte ranges
   # A bad record in data.files / data.kb_files: invalid UTF-8 or JSON, no string text field.

@@ -1,7 +1,8 @@
 """The documents stage of prepare-data: where the train text and the knowledge base come from.
 
 `sources(cfg)` describes both before anything is built (these are the documents
-stage's settings), `build_documents` writes local files and the knowledge world into
+stage's settings), `build_documents` writes local files, Hugging Face datasets
+(data_pipeline.hf_corpus) and the knowledge world into
 `m3jax_documents` (splits train, kb) and, for the knowledge world, its questions into
 `m3jax_qa` (train, eval); a TFDS corpus is read in place. `doc_spec` is the opening
 spec (see `references.open_documents`) of the train or KB documents once built.
@@ -17,6 +18,7 @@ import os
 from typing import Any, Callable, Iterator
 
 from data_pipeline import corpus as corpus_lib
+from data_pipeline import hf_corpus
 from data_pipeline import knowledge_world as kw_lib
 from data_pipeline import tfds_builders
 from m3jax.core import artifacts
@@ -114,12 +116,20 @@ def sources(cfg: Any) -> dict[str, dict[str, Any]]:
   elif d.corpus == "files":
     out["train"] = _file_settings(corpus_lib.expand_files(list(d.files), "data.files"), d,
                                   d.text_field)
+  elif d.corpus == "hf":
+    out["train"] = hf_corpus.source_settings(d.hf_path, config=d.hf_config, split=d.hf_split,
+                                             text_field=d.text_field,
+                                             streaming=d.hf_streaming, what="data.hf_path")
   else:
     out["train"] = _tfds_settings(d.tfds_name, d.tfds_split, d.tfds_data_dir, d.text_field)
   kb_field = d.kb_text_field or d.text_field
   if d.kb_files:
     out["kb"] = _file_settings(corpus_lib.expand_files(list(d.kb_files), "data.kb_files"), d,
                                kb_field)
+  elif d.kb_hf_path:
+    out["kb"] = hf_corpus.source_settings(d.kb_hf_path, config=d.kb_hf_config,
+                                          split=d.kb_hf_split, text_field=kb_field,
+                                          streaming=d.hf_streaming, what="data.kb_hf_path")
   elif d.kb_tfds_name:
     out["kb"] = _tfds_settings(d.kb_tfds_name, d.kb_tfds_split,
                                d.kb_tfds_data_dir or d.tfds_data_dir, kb_field)
@@ -154,6 +164,9 @@ def build_documents(cfg: Any, sources: dict[str, dict[str, Any]], tmp: str,
                                            max_split_bytes=src["max_split_bytes"])
       shards[split] = [_FileShard(s, src["text_field"], src["txt_docs"], counts[split],
                                   bad.get(split)) for s in splits]
+    elif src["kind"] == "hf":
+      counts[split] = {}
+      shards[split] = hf_corpus.shards(src, counts[split], cfg.data.shard_docs)
   if shards:
     path = tfds_builders.write_dataset(
         tfds_builders.M3jaxDocuments, tmp, features=tfds_builders.DOCUMENT_FEATURES,
@@ -161,7 +174,7 @@ def build_documents(cfg: Any, sources: dict[str, dict[str, Any]], tmp: str,
     sizes = tfds_builders.split_sizes(path)
     for split in shards:
       if sizes.get(split, 0) == 0:
-        what = {"train": "data.files", "kb": "data.kb_files"}[split]
+        what = sources[split].get("what") or {"train": "data.files", "kb": "data.kb_files"}[split]
         files = ", ".join(f for f, _ in sources[split].get("files", [])) or split
         skipped = f" ({bad[split].total} bad records skipped)" if split in bad else ""
         raise corpus_lib.CorpusError(

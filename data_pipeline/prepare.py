@@ -68,6 +68,9 @@ def validate_data_config(cfg: Any) -> None:
     raise _config_error("data.tfds_name", "data.corpus='tfds' needs a dataset name")
   if d.get("bad_records", "error") not in documents_lib.BAD_RECORDS:
     raise _config_error("data.bad_records", f"must be one of {documents_lib.BAD_RECORDS}")
+  if d.corpus == "hf" and not d.hf_path:
+    raise _config_error("data.hf_path", "data.corpus='hf' needs a save_to_disk directory, "
+                        "data files or a Hub dataset name")
   if d.txt_docs not in corpus_lib.TXT_DOCS:
     raise _config_error("data.txt_docs", f"must be one of {corpus_lib.TXT_DOCS}")
   if d.tokenizer_model_type not in tok_lib.MODEL_TYPES:

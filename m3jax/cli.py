@@ -58,6 +58,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo-posttrain": ("m3jax.commands.demo_posttrain",
                        "SFT and DPO of the demo model, with chat accuracy and preference pairs"),
     "bench train": ("m3jax.commands.bench_train", "warmup vs continual step tokens/s and MFU"),
+    "bank update": ("m3jax.commands.bank_update",
+                    "add, replace, delete references in a finished bank (live knowledge edit)"),
+    "demo-edit": ("m3jax.commands.demo_edit",
+                  "live knowledge edit on a finished demo workdir, with its evidence table"),
 }
 
 HELP_FLAGS = ("-h", "--help", "-?", "--helpshort")
@@ -80,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     print(usage())
     return 0
   name = argv[1]
-  if name == "bench" and len(argv) > 2 and not argv[2].startswith("-"):
-    name = f"bench {argv[2]}"  # `m3jax bench KIND --flags`
+  if name in ("bench", "bank") and len(argv) > 2 and not argv[2].startswith("-"):
+    name = f"{name} {argv[2]}"  # `m3jax bench KIND --flags`, `m3jax bank update --flags`
     argv = [argv[0], name] + argv[3:]
   if name not in COMMANDS:
     print(f"m3jax: unknown command {name!r}\n\n{usage()}", file=sys.stderr)

@@ -43,3 +43,35 @@ def tiny_prepared(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("tiny_prepared")
   prepare.prepare_data(cfg, str(workdir))
   return cfg, workdir
+
+
+@pytest.fixture(scope="session")
+def tiny_knowledge_base(tiny_prepared, tmp_path_factory):
+  """The tiny world's data root with a ScaNN index (exact), random parameters saved as a
+  params directory and their memory bank (shards of 64): what inference opens. Read-only;
+  tests that change the bank copy it."""
+  import shutil
+  import jax as jax_
+  from m3jax.core.config import model_config
+  from m3jax.memory import encode_job
+  from m3jax.model import params_io
+  from m3jax.model.transformer import init_params
+  from m3jax.retrieval import reference_index
+  from m3jax.retrieval.index import IndexSettings
+  cfg, prepared_dir = tiny_prepared
+  work = tmp_path_factory.mktemp("tiny_kb")
+  shutil.copytree(os.path.join(prepared_dir, "data"), work / "data")
+  cfg = cfg.copy_and_resolve_references()
+  cfg.data.workdir_data = str(work / "data")
+  cfg.bank.shard_size = 64
+  cfg.bank.encode_batch_size = 16
+  reference_index.build_reference_index(cfg, str(work), progress_every_s=None,
+                                        settings=IndexSettings(force_brute_force=True))
+  mc = model_config(cfg)
+  params = init_params(mc, jax_.random.key(0))
+  params_io.save_params(str(work / "params"), params, cfg)
+  encode_job.run(cfg, checkpoint=str(work / "params"), checkpoint_config=cfg, params=params,
+                 step=None, references=str(work / "data"), out=str(work / "bank"),
+                 printer=lambda _: None, progress_every_s=1e9)
+  return dict(cfg=cfg, mc=mc, params=params, work=work, root=str(work / "data"),
+              checkpoint=str(work / "params"), bank=str(work / "bank"))

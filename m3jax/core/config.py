@@ -201,8 +201,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if "train" in cfg:
       _require(d.batch_size % cfg.train.grad_accum == 0, "data.batch_size",
                f"{d.batch_size} not divisible by train.grad_accum={cfg.train.grad_accum}")
-    _require(d.corpus in ("knowledge_world", "files", "tfds"), "data.corpus",
-             f"must be knowledge_world, files or tfds, got {d.corpus!r}")
+    _require(d.corpus in ("knowledge_world", "files", "tfds", "hf"), "data.corpus",
+             f"must be knowledge_world, files, tfds or hf, got {d.corpus!r}")
   return cfg
 
 

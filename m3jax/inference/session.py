@@ -24,6 +24,7 @@ from m3jax.core import config as config_lib
 from m3jax.core import errors
 from m3jax.core import workspace
 from m3jax.core.config import ModelConfig
+from m3jax.memory import bank_edits
 from m3jax.memory import bank_format
 from m3jax.memory.bank_reader import MemoryBank
 from m3jax.memory import source as ms_lib
@@ -113,15 +114,26 @@ def open_inference(checkpoint: str, *, modes: Sequence[str], workdir: str | None
       tokenize=tokenizer.encode, overlap_threshold=overlap_threshold, model_config=config,
       params=emb_params, tokenizer_hash=tokenizer.hash)
   inf.paths["index"] = os.path.abspath(index_dir)
+  if bank_dir is None and workdir and os.path.isdir(workspace.bank_dir(workdir)):
+    bank_dir = workspace.bank_dir(workdir)
+  meta = None
   if "explicit" in modes:
-    inf.memory_source = _memory_source(inf, workdir, bank_dir, cache_memories, log)
+    inf.memory_source = _memory_source(inf, bank_dir, cache_memories, log)
+    meta = getattr(inf.memory_source, "meta", None)
+  elif bank_dir and os.path.isfile(os.path.join(bank_dir, bank_format.MANIFEST_FILE)):
+    meta = bank_edits.read_meta(bank_dir)  # RAG reads the bank's edited knowledge base too
+  if meta is not None and bank_edits.version(meta):
+    try:
+      inf.retriever, inf.references = bank_edits.apply_to_retriever(
+          os.path.abspath(bank_dir), meta, inf.retriever, inf.references)
+    except bank_format.BankError as e:
+      raise InferenceSetupError(f"--bank={bank_dir}: {e}") from e
+    inf.paths["bank_version"] = str(bank_edits.version(meta))
   return inf
 
 
-def _memory_source(inf: Inference, workdir: str | None, bank_dir: str | None,
-                   cache_memories: int | None, log) -> Any:
-  if bank_dir is None and workdir and os.path.isdir(workspace.bank_dir(workdir)):
-    bank_dir = workspace.bank_dir(workdir)
+def _memory_source(inf: Inference, bank_dir: str | None, cache_memories: int | None,
+                   log) -> Any:
   if bank_dir:
     kwargs = {} if cache_memories is None else dict(cache_memories=cache_memories)
     try:

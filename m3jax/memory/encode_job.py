@@ -101,6 +101,17 @@ def _check_inputs(encoder: ReferenceEncoder, references: Any,
     raise InputError("encode-memory: the reference store is empty")
 
 
+def _refuse_edited(root: str) -> None:
+  """An edited bank (m3jax.memory.bank_update) is not re-finalised from its original shards."""
+  path = os.path.join(root, bank_format.MANIFEST_FILE)
+  if os.path.exists(path):
+    version = bank_format.read_json(path).get("version", 0)
+    if version:
+      raise bank_format.BankError(
+          f"{root}: this bank was edited by `m3jax bank update` (version {version}); "
+          "encoding it again would drop the edits: encode into a new --out")
+
+
 def _process_share(process_index: int | None, process_count: int | None
                    ) -> tuple[int, int, bool]:
   """(p, P, whether the P processes are jax processes that meet at barriers)."""
@@ -297,6 +308,7 @@ def encode_bank(out_dir: str, *, encoder: ReferenceEncoder, references: Any,
       references_source=references_source or getattr(references, "path", ""),
       quantizer_sha256=q_sha)
   bank_format.check_or_write_spec(root, spec)
+  _refuse_edited(root)
   layout = spec["layout"]
   total_shards = layout["num_shards"]
 

@@ -1,0 +1,48 @@
+"""`m3jax demo-edit --workdir=W`: a live knowledge edit on a finished demo workdir.
+
+Gives 100 unseen people of the knowledge world a new birth city (or --attribute) with
+`m3jax bank update`
+and reports how the answers follow (m3jax/demo/edit.py). The bank of W is edited in
+place: run it on a copy of the demo workdir, e.g.
+
+  cp -r demo_workdir /tmp/demo_edit && m3jax demo-edit --workdir=/tmp/demo_edit
+
+Also runnable as `python -m m3jax.commands.demo_edit`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app
+from absl import flags
+
+from m3jax import commands
+from m3jax.core import config as config_lib
+from m3jax.demo import edit as edit_demo
+from m3jax.memory import bank_format
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A finished demo workdir (a copy).")
+_PEOPLE = flags.DEFINE_integer("people", 100, "Unseen people whose attribute changes.")
+_ATTRIBUTE = flags.DEFINE_string("attribute", "birth_city",
+                                 "The attribute changed: birth_city, university, field, hobby "
+                                 "or instrument.")
+_EVAL_LIMIT = flags.DEFINE_integer("eval_limit", 480,
+                                   "Other held-out questions (equal share per group; 0 = all).")
+_BATCH = flags.DEFINE_integer("batch_size", 32, "Generation batch size.")
+
+
+def main(argv: list[str]) -> None:
+  commands.check_args(argv, workdir=_WORKDIR)
+  try:
+    edit_demo.run_edit_demo(_WORKDIR.value, people=_PEOPLE.value,
+                            attribute=_ATTRIBUTE.value, eval_limit=_EVAL_LIMIT.value,
+                            batch_size=_BATCH.value)
+  except (config_lib.ConfigError, bank_format.BankError, RuntimeError, FileNotFoundError,
+          ValueError) as e:
+    print(f"m3jax demo-edit: error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)
