@@ -32,6 +32,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench decode": ("m3jax.commands.bench_decode", "decode tokens/s: explicit memory vs none vs RAG"),
     "demo": ("m3jax.commands.demo", "whole pipeline on the knowledge world with its evidence table"),
     "bench train": ("m3jax.commands.bench_train", "warmup vs continual step tokens/s and MFU"),
+    "bench retrieval": ("m3jax.commands.bench_retrieval",
+                        "index build, recall@5 and queries/s vs exact search and FAISS"),
 }
 
 def usage() -> str:
