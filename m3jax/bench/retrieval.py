@@ -196,6 +196,9 @@ def run(bench: BenchSettings, index_settings: index_lib.IndexSettings | None = N
   if min(bench.k, bench.repeats, bench.build_threads) < 1:
     raise ValueError("bench retrieval: k, repeats and build_threads must be >= 1")
   index_settings = index_settings or index_lib.IndexSettings()
+  if not 0 <= index_settings.target_recall <= 1:
+    raise ValueError(f"bench retrieval: target_recall {index_settings.target_recall} is not "
+                     "in [0, 1]")
   t0 = time.perf_counter()
   database, queries = clustered_vectors(bench.n, bench.queries, bench.dim,
                                         clusters=bench.clusters, spread=bench.spread,
