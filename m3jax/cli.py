@@ -62,6 +62,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                     "add, replace, delete references in a finished bank (live knowledge edit)"),
     "demo-edit": ("m3jax.commands.demo_edit",
                   "live knowledge edit on a finished demo workdir, with its evidence table"),
+    "bench retrieval": ("m3jax.commands.bench_retrieval",
+                        "index build, recall@5 and queries/s vs exact search and FAISS"),
 }
 
 HELP_FLAGS = ("-h", "--help", "-?", "--helpshort")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import sys
 
+from absl import app
 from absl import flags
 from ml_collections import config_flags
 
@@ -36,15 +37,21 @@ _OUT = flags.DEFINE_string("out", None, "Index directory (default <workdir>/data
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an index built from other inputs.")
 _BRUTE_FORCE_BELOW = flags.DEFINE_integer(
     "brute_force_below", 20_000, "Exact search below this many references; tree+AH above.")
+_TARGET_RECALL = flags.DEFINE_float(
+    "target_recall", index_lib.IndexSettings.target_recall,
+    "Tree index: recall@5 the build tunes leaves searched and re-ranking for (0 = fixed).")
 
 
 def main(argv: list[str]) -> None:
   commands.check_args(argv, _CONFIG, _WORKDIR)
   cfg = config_lib.validate(_CONFIG.value)
+  if not 0 <= _TARGET_RECALL.value <= 1:
+    raise app.UsageError(f"--target_recall={_TARGET_RECALL.value} is not in [0, 1]")
   index = reference_index.build_reference_index(
       cfg, _WORKDIR.value, params_dir=_PARAMS.value, out=_OUT.value,
       overwrite=_OVERWRITE.value,
-      settings=index_lib.IndexSettings(brute_force_below=_BRUTE_FORCE_BELOW.value))
+      settings=index_lib.IndexSettings(brute_force_below=_BRUTE_FORCE_BELOW.value,
+                                       target_recall=_TARGET_RECALL.value))
   print(json.dumps(dict(index=index.path, references=index.count, dim=index.dim,
                         mode=index.settings["mode"], embedder=index.fingerprint), indent=2))
 

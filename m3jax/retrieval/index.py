@@ -4,6 +4,9 @@ The paper retrieves with dense cosine search; m3jax uses ScaNN (CPU, no
 TensorFlow). Below `brute_force_below` vectors (or with `force_brute_force`) the
 searcher scores every vector exactly; above it, it is a k-means tree with
 anisotropic-hashing scoring and exact float32 re-ranking of the best candidates.
+How many leaves it searches and how many candidates it re-ranks are chosen at
+build time for a target recall (m3jax.retrieval.index_tuning), measured on a
+sample of the indexed vectors used as queries (each one's own entry left out).
 
 An index directory holds:
 
@@ -36,6 +39,7 @@ import numpy as np
 
 from m3jax.core import artifacts as atomic_io
 from m3jax.core import errors
+from m3jax.retrieval import index_tuning
 
 FORMAT = "m3jax-index"
 VERSION = 1
@@ -53,8 +57,13 @@ class IndexDirError(errors.UserError, ValueError):
 class IndexSettings:
   """How an index is built and searched (recorded in its manifest).
 
-  num_leaves / leaves_to_search = 0 pick ~sqrt(count) leaves, searching ~1/8
-  of them (at least 16), which keeps recall@10 near 1 on clustered data.
+  num_leaves = 0 picks ~sqrt(count) leaves. With `target_recall` > 0 the build
+  chooses leaves_to_search and reorder: the least work whose recall@`tune_k` on
+  `tune_queries` indexed vectors (used as queries, their own entry left out)
+  reaches the target; the default 0.96 leaves room for the sampling error of
+  ~0.005 so that new queries from the same distribution get >= 0.95. With
+  `target_recall` = 0, leaves_to_search = 0 searches ~1/8 of the leaves (at least
+  16) and `reorder` candidates are re-ranked.
   """
   brute_force_below: int = 20_000
   force_brute_force: bool = False
@@ -65,6 +74,10 @@ class IndexSettings:
   anisotropic_threshold: float = 0.2
   reorder: int = 256
   training_threads: int = 0
+  target_recall: float = 0.96
+  tune_k: int = 5
+  tune_queries: int = 1000
+  tune_seed: int = 0
 
   def resolved(self, count: int) -> dict[str, Any]:
     """Concrete settings for `count` vectors (mode, leaves, ...)."""
@@ -101,6 +114,12 @@ def top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.n
   order = np.lexsort((ids, -scores), axis=1)[:, :k]
   return (np.take_along_axis(ids, order, axis=1),
           np.take_along_axis(scores, order, axis=1).astype(np.float32))
+
+
+def _leave_out(ids: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
+  """Each row of `ids` [q, k + 1] without the row's `own` id, first k kept (order kept)."""
+  order = np.argsort(ids == np.asarray(own)[:, None], axis=1, kind="stable")[:, :k]
+  return np.take_along_axis(ids, order, axis=1)
 
 
 def brute_force_search(database: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int,
@@ -177,7 +196,52 @@ class Index:
                   resolved["reorder"])
     builder.set_n_training_threads(resolved["training_threads"])
     searcher = builder.build()
-    return cls(searcher, ids, dim, fingerprint, resolved, embedder_kind=embedder_kind)
+    index = cls(searcher, ids, dim, fingerprint, resolved, embedder_kind=embedder_kind)
+    if resolved["mode"] != "brute_force" and settings.target_recall > 0:
+      index.tune(vectors, settings.target_recall, k=settings.tune_k,
+                 queries=settings.tune_queries, seed=settings.tune_seed)
+    return index
+
+  def tune(self, vectors: np.ndarray, target: float, *, k: int = 5, queries: int = 1000,
+           seed: int = 0) -> index_tuning.Choice:
+    """Sets leaves_to_search and reorder to the least work reaching recall@k >= `target`.
+
+    `vectors` are the indexed vectors (row i = self.ids[i]); `queries` of them, drawn
+    with `seed`, are searched for k + 1 neighbours and their own id is dropped from
+    both the exact and the approximate answer (leave-one-out), so the sample behaves
+    like new queries from the same distribution. The choice and the recall it reached
+    are recorded in `settings` (and so in the manifest).
+    """
+    if self.settings["mode"] == "brute_force":
+      raise ValueError("tune: a brute-force index has nothing to tune")
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.shape != (self.count, self.dim):
+      raise ValueError(f"tune: vectors have shape {vectors.shape}, the index holds "
+                       f"({self.count}, {self.dim})")
+    if not 0 < target <= 1 or k < 1:
+      raise ValueError(f"tune: need 0 < target <= 1 and k >= 1, got {target}, {k}")
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(self.count, size=min(queries, self.count), replace=False))
+    sample, own = vectors[rows], self.ids[rows]
+    exact = _leave_out(brute_force_search(vectors, self.ids, sample, k + 1)[0], own, k)
+    s = self.settings
+
+    def recall_of(leaves: int, reorder: int) -> float:
+      got, _ = self.search(sample, k + 1, leaves_to_search=leaves, reorder=reorder)
+      return index_tuning.recall_at_k(_leave_out(got, own, k), exact, k)
+
+    def work_of(leaves: int, reorder: int) -> float:
+      return index_tuning.search_work(leaves, reorder, count=self.count,
+                                      num_leaves=s["num_leaves"], dim=self.dim,
+                                      dims_per_block=s["dims_per_block"])
+
+    choice, tried = index_tuning.choose_search_settings(
+        recall_of, work_of, target, num_leaves=s["num_leaves"], k=k)
+    self.settings = dict(s, leaves_to_search=choice.leaves_to_search, reorder=choice.reorder,
+                         tuning=dict(target_recall=target, k=k, queries=len(rows), seed=seed,
+                                     recall=choice.recall, met=choice.met,
+                                     settings_measured=len(tried)))
+    return choice
 
   # ------------------------------------------------------------ searching
 
@@ -200,8 +264,8 @@ class Index:
       return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
     kw = dict(final_num_neighbors=min(k, self.count))
     if self.settings["mode"] != "brute_force":
-      kw["leaves_to_search"] = leaves_to_search
-      kw["pre_reorder_num_neighbors"] = max(reorder or self.settings["reorder"], k)
+      kw["leaves_to_search"] = leaves_to_search or self.settings["leaves_to_search"]
+      kw["pre_reorder_num_neighbors"] = max(reorder or self._reorder_for(k), k)
     if threads > 1:
       self.searcher.set_num_threads(threads)
       pos, scores = self.searcher.search_batched_parallel(q, **kw)
@@ -213,6 +277,14 @@ class Index:
                    -1)
     scores = np.where(got >= 0, scores, -np.inf).astype(np.float32)
     return top_k(scores, got, k)
+
+  def _reorder_for(self, k: int) -> int:
+    """Candidates to re-rank for a top-k search: a tuned reorder was chosen for
+    top-`tune_k`, so a larger k re-ranks proportionally more (a top-15 fetch keeps the
+    recall the top-5 tuning measured)."""
+    reorder = int(self.settings["reorder"])
+    tuned_k = int(self.settings.get("tuning", {}).get("k", 0))
+    return math.ceil(reorder * k / tuned_k) if tuned_k and k > tuned_k else reorder
 
   def search_texts(self, embedder: Any, texts: Sequence[str],
                    k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -378,6 +450,4 @@ def measure_recall(index: Any, queries: np.ndarray, k: int,
     ids = np.arange(len(database), dtype=np.int64)
   exact, _ = brute_force_search(database, ids, queries, k)
   approx, _ = index.search(queries, k)
-  hits = [len(np.intersect1d(a[a >= 0], e[e >= 0])) for a, e in zip(approx, exact)]
-  want = min(k, len(ids))
-  return float(np.mean(hits) / want) if len(hits) else float("nan")
+  return index_tuning.recall_at_k(approx, exact, k)
