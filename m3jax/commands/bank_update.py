@@ -19,6 +19,7 @@ import sys
 from absl import app
 from absl import flags
 
+from m3jax import cli
 from m3jax import commands
 from m3jax.core import config as config_lib
 from m3jax.memory import bank_format
@@ -56,4 +57,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(cli.run_module(sys.modules[__name__], sys.argv[1:]))

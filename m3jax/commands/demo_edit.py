@@ -1,11 +1,11 @@
-"""`m3jax demo-edit --workdir=W`: a live knowledge edit on a finished demo workdir.
+"""`m3jax demo-edit`: a live knowledge edit on a finished demo workdir, with its evidence.
+
+  m3jax demo-edit --workdir=/tmp/demo_edit [--attribute=birth_city]
 
 Gives 100 unseen people of the knowledge world a new birth city (or --attribute) with
-`m3jax bank update`
-and reports how the answers follow (m3jax/demo/edit.py). The bank of W is edited in
-place: run it on a copy of the demo workdir, e.g.
-
-  cp -r demo_workdir /tmp/demo_edit && m3jax demo-edit --workdir=/tmp/demo_edit
+`m3jax bank update` and reports how the answers follow (m3jax/demo/edit.py). The bank
+of the workdir is edited in place: run it on a copy of the demo workdir
+(`cp -r demo_workdir /tmp/demo_edit`).
 
 Also runnable as `python -m m3jax.commands.demo_edit`.
 """
@@ -17,6 +17,7 @@ import sys
 from absl import app
 from absl import flags
 
+from m3jax import cli
 from m3jax import commands
 from m3jax.core import config as config_lib
 from m3jax.demo import edit as edit_demo
@@ -45,4 +46,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(cli.run_module(sys.modules[__name__], sys.argv[1:]))
