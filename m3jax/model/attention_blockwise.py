@@ -104,46 +104,61 @@ def _logits(q_blk, k_blk, visible, real, scale):
 # ---------------------------------------------------------------- memory block
 
 
-def _memory_logits(qg, memory: MemoryKV, st: _Static, scale) -> jax.Array:
-  """[B, H_kv, G, Tq, N] float32 memory logits, NEG where hidden and on prefix rows."""
-  tq = qg.shape[1]
-  c = memory.keys.shape[1]
-  qc = _queries_to_chunks(qg, st.query_offset, c, st.chunk_length)  # [B, C, Lc, H_kv, G, d]
-  s = jnp.einsum("bclkgd,bckmd->bclkgm", qc, memory.keys,
-                 preferred_element_type=jnp.float32) * scale
-  visible = memory.mask[:, :, None, :, None, :]  # [B, C, 1, H_kv, 1, N]
-  s = jnp.where(visible, s, NEG)
-  s = _chunks_to_queries(s, st.query_offset, tq)  # [B, Tq, H_kv, G, N], prefix rows 0
-  s = jnp.where((jnp.arange(tq) >= st.query_offset)[None, :, None, None, None], s, NEG)
-  return jnp.moveaxis(s, 1, 3)
-
-
-def _memory_weights_times(w, values, st: _Static, n_queries: int) -> jax.Array:
-  """sum_n w[.., t, n] values[chunk(t), n]: [B, H_kv, G, Tq, N] -> [B, H_kv, G, Tq, d] f32."""
-  c = values.shape[1]
-  wc = _queries_to_chunks(jnp.moveaxis(w, 3, 1), st.query_offset, c, st.chunk_length)
-  # No preferred_element_type: XLA:CPU has no bf16 x bf16 -> f32 kernel for this einsum.
-  out = jnp.einsum("bclkgm,bckmd->bclkgd", wc.astype(values.dtype), values).astype(jnp.float32)
-  return jnp.moveaxis(_chunks_to_queries(out, st.query_offset, n_queries), 1, 3)
-
-
 def _chunk_rows(x, st: _Static, c: int):
   """[B, H_kv, G, Tq, ...] -> [B, C, Lc, H_kv, G, ...] (drops prefix rows)."""
   return _queries_to_chunks(jnp.moveaxis(x, 3, 1), st.query_offset, c, st.chunk_length)
 
 
+def _in_groups(fn, st: _Static, c: int, *xs):
+  """lax.map of fn over groups of about block_q / chunk_length chunks: xs are [B, C, ...]
+  (zero-padded to whole groups); results come back [B, C, ...]. Keeps the memory block's
+  temporaries ([chunks, L_c, heads, M*k] logits) to one group at a time."""
+  cg = max(1, min(c, st.block_q // st.chunk_length))
+  ng = -(-c // cg)
+
+  def group(x):
+    x = jnp.pad(x, [(0, 0), (0, ng * cg - c)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape((x.shape[0], ng, cg) + x.shape[2:]), 1, 0)
+
+  def ungroup(y):
+    y = jnp.moveaxis(y, 0, 1)
+    return y.reshape((y.shape[0], ng * cg) + y.shape[3:])[:, :c]
+
+  return jax.tree.map(ungroup, jax.lax.map(lambda a: fn(*a), tuple(group(x) for x in xs)))
+
+
+def _chunk_logits(qc, keys, mask, scale):
+  """[B, cg, Lc, H_kv, G, N] float32 memory logits of a group of chunks, NEG where hidden."""
+  s = jnp.einsum("bclkgd,bckmd->bclkgm", qc, keys, preferred_element_type=jnp.float32) * scale
+  return jnp.where(mask[:, :, None, :, None, :], s, NEG)
+
+
 def memory_state(st: _Static, qg, memory: MemoryKV | None):
   """The online softmax's state after the memory block: running max m, sum l [B, H_kv, G,
-  Tq] and unnormalised output [B, H_kv, G, Tq, d] (float32); empty without memory."""
+  Tq] and unnormalised output [B, H_kv, G, Tq, d] (float32); empty without memory.
+
+  Prefix rows see N memory logits of NEG, as in `attention.attend` (they only count in a
+  row that sees nothing else)."""
   b, tq, h_kv, g, d = qg.shape
   if memory is None:
     return (jnp.full((b, h_kv, g, tq), NEG, jnp.float32),
             jnp.zeros((b, h_kv, g, tq), jnp.float32),
             jnp.zeros((b, h_kv, g, tq, d), jnp.float32))
-  s_mem = _memory_logits(qg, memory, st, 1.0 / math.sqrt(d))
-  m0 = s_mem.max(-1)
-  p_mem = jnp.exp(s_mem - m0[..., None])
-  return m0, p_mem.sum(-1), _memory_weights_times(p_mem, memory.values, st, tq)
+  c, n = memory.keys.shape[1], memory.keys.shape[3]
+
+  def chunks(qc, keys, values, mask):
+    s = _chunk_logits(qc, keys, mask, 1.0 / math.sqrt(d))
+    m = s.max(-1)
+    p = jnp.exp(s - m[..., None])
+    # No preferred_element_type: XLA:CPU has no bf16 x bf16 -> f32 kernel for this einsum.
+    acc = jnp.einsum("bclkgm,bckmd->bclkgd", p.astype(values.dtype), values)
+    return m, p.sum(-1), acc.astype(jnp.float32)
+
+  qc = _queries_to_chunks(qg, st.query_offset, c, st.chunk_length)
+  m, l, acc = _in_groups(chunks, st, c, qc, memory.keys, memory.values, memory.mask)
+  to_rows = lambda x, fill: jnp.moveaxis(_chunks_to_queries(x, st.query_offset, tq), 1, 3).at[
+      :, :, :, :st.query_offset].set(fill)
+  return to_rows(m, NEG), to_rows(l, float(n)), to_rows(acc, 0.0)
 
 
 def memory_backward(st: _Static, qg, memory: MemoryKV, m, l, d_out, delta):
@@ -156,17 +171,23 @@ def memory_backward(st: _Static, qg, memory: MemoryKV, m, l, d_out, delta):
   tq, d = qg.shape[1], qg.shape[-1]
   scale = 1.0 / math.sqrt(d)
   c = memory.keys.shape[1]
-  s_mem = _memory_logits(qg, memory, st, scale)
-  p_mem = jnp.exp(s_mem - m[..., None]) / l[..., None]  # [B, H_kv, G, Tq, N]
-  pc = _chunk_rows(p_mem, st, c)  # [B, C, Lc, H_kv, G, N]
-  doc = _chunk_rows(d_out.astype(jnp.float32), st, c)  # [B, C, Lc, H_kv, G, d]
-  dp = jnp.einsum("bclkgd,bckmd->bclkgm", doc, memory.values.astype(jnp.float32))
-  ds = pc * (dp - _chunk_rows(delta[..., None], st, c))
-  qc = _chunk_rows(jnp.moveaxis(qg, 1, 3), st, c).astype(jnp.float32)
-  d_mem_v = jnp.einsum("bclkgm,bclkgd->bckmd", pc, doc)
-  d_mem_k = jnp.einsum("bclkgm,bclkgd->bckmd", ds, qc) * scale
-  d_mem = MemoryKV(d_mem_k.astype(memory.keys.dtype), d_mem_v.astype(memory.values.dtype), None)
-  dq_c = jnp.einsum("bclkgm,bckmd->bclkgd", ds, memory.keys.astype(jnp.float32)) * scale
+
+  def chunks(qc, doc, mc, lc, deltac, keys, values, mask):
+    s = _chunk_logits(qc, keys, mask, scale)
+    p = jnp.exp(s - mc[..., None]) / jnp.where(lc == 0, 1.0, lc)[..., None]  # padding rows: l 0
+    doc = doc.astype(jnp.float32)
+    dp = jnp.einsum("bclkgd,bckmd->bclkgm", doc, values.astype(jnp.float32))
+    ds = p * (dp - deltac[..., None])
+    d_v = jnp.einsum("bclkgm,bclkgd->bckmd", p, doc)
+    d_k = jnp.einsum("bclkgm,bclkgd->bckmd", ds, qc.astype(jnp.float32)) * scale
+    d_q = jnp.einsum("bclkgm,bckmd->bclkgd", ds, keys.astype(jnp.float32)) * scale
+    return d_q, d_k, d_v
+
+  dq_c, d_k, d_v = _in_groups(
+      chunks, st, c, _queries_to_chunks(qg, st.query_offset, c, st.chunk_length),
+      _chunk_rows(d_out, st, c), _chunk_rows(m, st, c), _chunk_rows(l, st, c),
+      _chunk_rows(delta, st, c), memory.keys, memory.values, memory.mask)
+  d_mem = MemoryKV(d_k.astype(memory.keys.dtype), d_v.astype(memory.values.dtype), None)
   return _chunks_to_queries(dq_c, st.query_offset, tq), d_mem
 
 
