@@ -31,7 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
              "perplexity, multiple choice, knowledge QA in every memory mode"),
     "bench decode": ("m3jax.commands.bench_decode", "decode tokens/s: explicit memory vs none vs RAG"),
     "demo": ("m3jax.commands.demo", "whole pipeline on the knowledge world with its evidence table"),
-    "bench train": ("m3jax.commands.bench_train", "warmup vs continual step tokens/s and MFU"),
+    "bench train": ("m3jax.commands.bench_train",
+                    "warmup vs continual step tokens/s, MFU and compiled memory"),
     "compile": ("m3jax.commands.compile",
                 "per-chip memory, FLOPs and fit of a train step on a TPU slice (no TPU needed)"),
 }

@@ -1,4 +1,4 @@
-"""`m3jax bench train --config=...`: warmup vs continual step throughput and MFU."""
+"""`m3jax bench train --config=...`: warmup vs continual step throughput, MFU and compiled memory."""
 
 from __future__ import annotations
 

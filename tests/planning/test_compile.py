@@ -40,7 +40,8 @@ def test_without_libtpu_the_error_names_the_extra(monkeypatch):
 
 @pytest.mark.tpu
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu, the TPU compiler: pip install -e '.[tpu]'")
+@pytest.mark.skipif(not HAS_LIBTPU,
+                    reason="needs libtpu, the TPU compiler: pip install -e '.[tpu]'")
 def test_tpu_slice_compile_gives_per_chip_figures(tiny_config):
   topo = topology_lib.parse_topology("v5p:2x2x1")
   devices = topology_lib.topology_devices(topo)
