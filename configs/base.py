@@ -30,6 +30,10 @@ def get_config() -> ml_collections.ConfigDict:
   m.param_dtype = "float32"
   m.dtype = "float32"  # compute dtype; bfloat16 on accelerators
   m.remat_policy = "none"  # none | full | dots_saveable | dots_with_no_batch_dims
+  # auto | reference | blockwise | cudnn | pallas_tpu (docs/model.md "Attention implementations")
+  m.attention_impl = "auto"
+  m.attention_block_q = 512  # blockwise: queries / keys per block (multiples of 128 for TPUs)
+  m.attention_block_kv = 512
   # Explicit memory (docs/model.md "Memory layers and memory heads").
   m.memory_layers = ml_collections.FieldReference(None, field_type=tuple)  # None = first half
   m.memory_heads = ml_collections.FieldReference(None, field_type=tuple)  # None = all KV heads

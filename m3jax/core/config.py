@@ -44,6 +44,9 @@ class ModelConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"
   remat_policy: str = "none"
+  attention_impl: str = "auto"  # see ATTENTION_IMPLS and docs/model.md, "Attention implementations"
+  attention_block_q: int = 512  # blockwise: queries per block (multiples of 128 suit TPUs)
+  attention_block_kv: int = 512  # blockwise: keys per block
   memory_layers: tuple[int, ...] = ()
   memory_heads: tuple[int, ...] = ()
   memory_tokens_per_head: int = 8
@@ -92,11 +95,12 @@ class ModelConfig:
   def fingerprint(self) -> str:
     """Stable hash of everything that changes a parameter tree or a memory.
 
-    Compute dtype and remat do not change results' meaning and are left out,
-    so a bank encoded in bf16 on GPU opens with the same model trained in f32.
+    Compute dtype, remat and the attention implementation do not change results' meaning
+    and are left out, so a bank encoded in bf16 on GPU opens with the same model trained in f32.
     """
     d = self.to_dict()
-    for k in ("dtype", "remat_policy", "max_seq_len", "init_std"):
+    for k in ("dtype", "remat_policy", "max_seq_len", "init_std", "attention_impl",
+              "attention_block_q", "attention_block_kv"):
       d.pop(k)
     blob = json.dumps(d, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
@@ -104,6 +108,8 @@ class ModelConfig:
 
 _REMAT = ("none", "full", "dots_saveable", "dots_with_no_batch_dims")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # see m3jax.model.dtypes
+# Attention implementations (m3jax.model.attention_impls): "auto" picks one per backend.
+ATTENTION_IMPLS = ("auto", "reference", "blockwise", "cudnn", "pallas_tpu")
 
 
 def _require(cond: bool, field: str, msg: str) -> None:
@@ -148,6 +154,11 @@ def model_config(cfg: ml_collections.ConfigDict | dict) -> ModelConfig:
   _require(m.get("param_dtype", "float32") in DTYPE_NAMES, "model.param_dtype",
            f"one of {DTYPE_NAMES}")
   _require(m.get("remat_policy", "none") in _REMAT, "model.remat_policy", f"one of {_REMAT}")
+  _require(m.get("attention_impl", "auto") in ATTENTION_IMPLS, "model.attention_impl",
+           f"one of {ATTENTION_IMPLS}, got {m.get('attention_impl')!r}")
+  for name in ("attention_block_q", "attention_block_kv"):
+    _require(isinstance(m.get(name, 512), int) and m.get(name, 512) > 0, f"model.{name}",
+             f"must be a positive integer, got {m.get(name)!r}")
   prefix = tuple(int(t) for t in m.get("reference_prefix_ids", ()))
   _require(len(prefix) > 0, "model.reference_prefix_ids", "must name at least one token")
   for name, ids in (("reference_prefix_ids", prefix),

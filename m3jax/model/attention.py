@@ -16,6 +16,8 @@ h // group (Hugging Face `repeat_kv`).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from typing import NamedTuple, Sequence
 
@@ -42,6 +44,36 @@ class MemoryKV(NamedTuple):
 def causal_mask(length: int) -> jax.Array:
   """[1, T, T] lower-triangular visibility."""
   return jnp.tril(jnp.ones((length, length), dtype=bool))[None]
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["query_slots", "key_valid"],
+                   meta_fields=["diagonal"])
+@dataclasses.dataclass(frozen=True)
+class SlotMask:
+  """A context mask stated by slots, never as a [Tq, S] array (linear in length).
+
+  Query i sees key slot s iff s <= query_slots[i] and key_valid[s]: causal
+  attention (query_slots = arange(T)), left padding (key_valid False on padding
+  keys) and a decode step (query_slots = the token's cache slot) all fit.
+  query_slots: [B or 1, Tq] int32; key_valid: [B or 1, S] bool or None (all valid).
+  diagonal (static): True when query_slots is known to be arange(Tq) with Tq == S,
+  i.e. plain causal self-attention, which fused kernels take as a flag.
+  """
+  query_slots: jax.Array
+  key_valid: jax.Array | None = None
+  diagonal: bool = False
+
+  def dense(self, n_keys: int) -> jax.Array:
+    """The same mask as a [B or 1, Tq, S] bool array (what `attend` takes)."""
+    visible = jnp.arange(n_keys)[None, None, :] <= self.query_slots[:, :, None]
+    if self.key_valid is not None:
+      visible = visible & self.key_valid[:, None, :]
+    return visible
+
+
+def causal_slot_mask(length: int, key_valid: jax.Array | None = None) -> SlotMask:
+  """`causal_mask(length)` (and key padding) as a SlotMask."""
+  return SlotMask(jnp.arange(length, dtype=jnp.int32)[None], key_valid, diagonal=True)
 
 
 def full_memory_mask(memory_mask: jax.Array | None, memory_shape: Sequence[int]) -> jax.Array:
@@ -108,7 +140,7 @@ def _chunks_to_queries(x: jax.Array, offset: int, n_queries: int) -> jax.Array:
   return jnp.pad(x, [(0, 0), (offset, 0)] + [(0, 0)] * (x.ndim - 2))
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | SlotMask,
            memory: MemoryKV | None = None, *, query_offset: int = 0, chunk_length: int = 1,
            memory_heads: Sequence[int] | None = None,
            return_memory_mass: bool = False) -> tuple[jax.Array, jax.Array | None]:
@@ -117,7 +149,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   Args:
     q: [B, Tq, H, d] queries (rotary embedding applied).
     k, v: [B, S, H_kv, d] context keys (rotary applied) and values.
-    mask: [B or 1, Tq, S] bool, which context keys each query sees.
+    mask: [B or 1, Tq, S] bool, which context keys each query sees (or a SlotMask).
     memory: memory tokens per chunk ([B, C, H_kv, N, d]) or None.
     query_offset: queries before it see no memory (the `<s>Reference:` prefix).
     chunk_length: queries query_offset + c*chunk_length ... + chunk_length - 1
@@ -135,6 +167,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     raise ValueError(f"{h} query heads are not a multiple of {h_kv} KV heads")
   g = h // h_kv
   scale = 1.0 / math.sqrt(d)
+  if isinstance(mask, SlotMask):
+    mask = mask.dense(s)
   qg = q.reshape(b, tq, h_kv, g, d)
   logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
   logits = jnp.where(mask[:, None, None], logits, NEG)

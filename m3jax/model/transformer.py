@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from m3jax.model import attention as attn_lib
+from m3jax.model import attention_impls
 from m3jax.model import rope
 from m3jax.model import sparsify
 from m3jax.core.config import ModelConfig
@@ -157,9 +158,11 @@ class Attention(nn.Module):
       new_cache = (ck, cv)
 
     want_mass = memory is not None and self.is_mutable_collection("intermediates")
-    out, mass = attn_lib.attend(q_rot, keys, values, mask, memory,
-                                query_offset=mode.query_offset, chunk_length=mode.chunk_length,
-                                memory_heads=cfg.memory_heads, return_memory_mass=want_mass)
+    out, mass = attention_impls.attend(cfg, q_rot, keys, values, mask, memory,
+                                       query_offset=mode.query_offset,
+                                       chunk_length=mode.chunk_length,
+                                       memory_heads=cfg.memory_heads,
+                                       return_memory_mass=want_mass)
     if mass is not None:
       self.sow("intermediates", "memory_attention_mass", mass[:, mode.query_offset:])
     out = Projection(cfg, (h, dh, d), ("heads", "head_dim", "embed"), "bthk,hkd->btd",
@@ -316,10 +319,10 @@ class Transformer(nn.Module):
     if memories is not None:
       memories, memory_mask = self._check_memories(memories, memory_mask, t, b)
     x, positions, p = self._prefixed(tokens, with_prefix)
-    mask = attn_lib.causal_mask(p + t)
+    keys_ok = None
     if attention_mask is not None:
       keys_ok = jnp.concatenate([jnp.ones((b, p), bool), attention_mask.astype(bool)], axis=1)
-      mask = mask & keys_ok[:, None, :]
+    mask = attn_lib.causal_slot_mask(p + t, keys_ok)  # no [T, T] array (blockwise attention)
     x, _, _ = self._layers(x, positions, mask, Mode(query_offset=p, chunk_length=cfg.chunk_length),
                            memories=memories, memory_mask=memory_mask)
     return self._logits(x[:, p:])
@@ -356,8 +359,9 @@ class Transformer(nn.Module):
     positions = jnp.arange(p + r, dtype=jnp.int32)[None]
     valid = jnp.arange(r)[None, :] < jnp.asarray(ref_lengths)[:, None]
     valid = jnp.concatenate([jnp.zeros((n, p), bool), valid], axis=1)
-    _, _, selected = self._layers(x, positions, attn_lib.causal_mask(p + r), Mode(select=True),
-                                  select_valid=valid, n_layers=cfg.last_memory_layer + 1)
+    _, _, selected = self._layers(x, positions, attn_lib.causal_slot_mask(p + r),
+                                  Mode(select=True), select_valid=valid,
+                                  n_layers=cfg.last_memory_layer + 1)
     memories = jnp.stack([m for m, _ in selected], axis=1)
     kept = jnp.stack([pos for _, pos in selected], axis=1)
     return memories, kept
@@ -406,7 +410,7 @@ class Transformer(nn.Module):
     if cache.prefix_length + t > cache.slots:
       raise ValueError(f"prompt of {t} tokens does not fit a cache of {cache.max_length}")
     x, positions, p = self._prefixed(tokens, with_prefix)
-    x, (k, v), _ = self._layers(x, positions, attn_lib.causal_mask(p + t),
+    x, (k, v), _ = self._layers(x, positions, attn_lib.causal_slot_mask(p + t),
                                 Mode(query_offset=p, chunk_length=cfg.chunk_length),
                                 memories=memories, memory_mask=memory_mask, cache=cache)
     lengths = jnp.full((b,), t, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
