@@ -46,6 +46,12 @@ def main(argv: list[str]) -> None:
     else:
       topo = topology_lib.parse_topology(_TOPOLOGY.value)
       devices, target = topology_lib.topology_devices(topo), topo.name
+      if cfg.model.attention_impl == "auto":
+        # "auto" resolves against this host's backend, not the target's.
+        cfg.model.attention_impl = "blockwise"
+        print("attention: model.attention_impl=auto resolves on this host's backend, not the "
+              "TPU's; compiling blockwise (linear memory in T; name another with "
+              "--config.model.attention_impl)", file=sys.stderr)
     plan = aot.compile_train_step(cfg, devices, target=target)
   except (config_lib.ConfigError, topology_lib.TopologyError) as e:
     _fail(str(e))

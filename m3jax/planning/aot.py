@@ -22,6 +22,7 @@ import ml_collections
 from m3jax.core import config as config_lib
 from m3jax.core import hardware
 from m3jax.core import xla_stats
+from m3jax.model import attention_impls
 from m3jax.model import costs
 from m3jax.model import sharding as sharding_lib
 from m3jax.training import loop
@@ -54,7 +55,7 @@ class StepPlan:
   per_chip_batch: float  # sequences per chip per micro-batch
   remat_policy: str
   dtype: str
-  attention_impl: str | None  # model.attention_impl where the config has the field
+  attention_impl: str  # the attention implementation compiled (model.attention_impl resolved)
   hbm_bytes: int | None  # memory per chip from the device table
   peak_flops: float | None  # dense bf16 FLOP/s per chip from the device table
   model_flops: float  # per chip per step, from the cost model (m3jax.model.costs)
@@ -147,7 +148,7 @@ def compile_train_step(cfg: ml_collections.ConfigDict,
       per_chip_batch=cfg.data.batch_size / (loop.batch_shard_count(ctx.mesh, ctx.rules) *
                                             grad_accum),
       remat_policy=mc.remat_policy, dtype=mc.dtype,
-      attention_impl=(str(cfg.model.attention_impl) if "attention_impl" in cfg.model else None),
+      attention_impl=attention_impls.resolve(mc.attention_impl, dtype=mc.dtype),
       hbm_bytes=hardware.hbm_bytes_per_device(devices[0]), peak_flops=peak,
       model_flops=model_flops, compiled_flops=compiled_flops,
       memory=xla_stats.memory_figures(compiled) if compiled is not None else None,

@@ -13,7 +13,7 @@ def _plan(**kw) -> aot.StepPlan:
   base = dict(config_name="c", stage="warmup", target="v5e:2x2", device_kind="TPU v5 lite",
               n_chips=4, mesh={"data": 1, "fsdp": 4, "tensor": 1}, batch_size=4, seq_len=2048,
               grad_accum=1, per_chip_batch=1.0, remat_policy="full", dtype="bfloat16",
-              attention_impl=None, hbm_bytes=16 * GIB, peak_flops=197e12, model_flops=1e14,
+              attention_impl="blockwise", hbm_bytes=16 * GIB, peak_flops=197e12, model_flops=1e14,
               compiled_flops=1.25e14,
               memory=MemoryFigures(temp=4 * GIB, arguments=2 * GIB, outputs=2 * GIB,
                                    aliased=2 * GIB),
