@@ -26,6 +26,9 @@ REMAT_ORDER = ("none", "dots_saveable", "dots_with_no_batch_dims", "full")
 TIGHT_HEADROOM = 0.05
 # Above this share of free memory a fitting step can afford less recomputation.
 ROOMY_HEADROOM = 0.40
+# Below this share of a chip's memory, arguments (parameters, optimizer state, batch) are
+# not worth sharding further.
+ARGUMENTS_WORTH_SHARDING = 0.25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +70,9 @@ def shrink_knobs(plan: StepPlan) -> tuple[str, ...]:
   else:
     batch = None
   shard_ways = plan.mesh.get("fsdp", 1) * plan.mesh.get("tensor", 1)
-  if shard_ways < plan.n_chips:
+  if mem is not None and mem.arguments < ARGUMENTS_WORTH_SHARDING * mem.total:
+    fsdp = None  # the state is a small part: sharding it further would not help
+  elif shard_ways < plan.n_chips:
     full_fsdp = plan.n_chips // plan.mesh.get("tensor", 1)
     estimate = (f" (arguments {gib(mem.arguments)} -> about "
                 f"{gib(mem.arguments * shard_ways / plan.n_chips)})" if mem else "")
