@@ -1,4 +1,4 @@
-"""`m3jax bench train`: throughput and MFU of the warmup and the continual step.
+"""`m3jax bench train`: throughput, MFU and compiled memory of the warmup and the continual step.
 
 Both steps run on the same config, mesh and batch in one process (random
 parameters, random tokens and references: speed does not depend on values), so
@@ -22,8 +22,12 @@ import ml_collections
 import numpy as np
 
 from m3jax.model import costs
+from m3jax.core import config as config_lib
 from m3jax.core import hardware
+from m3jax.core import xla_stats
+from m3jax.core.xla_stats import GIB
 from m3jax.training import loop as train_lib
+from m3jax.training import step as step_lib
 from m3jax.model import sharding as sharding_lib
 
 
@@ -31,15 +35,13 @@ def synthetic_batch(cfg: ml_collections.ConfigDict, seed: int = 0) -> dict[str, 
   """A full batch of random tokens, with one full-length reference per chunk."""
   m = cfg.model
   rng = np.random.default_rng(seed)
-  b, t = cfg.data.batch_size, m.max_seq_len
-  c, r = t // m.chunk_length, m.reference_length
-  return {
-      "tokens": rng.integers(5, m.vocab_size, (b, t), dtype=np.int32),
-      "targets": rng.integers(5, m.vocab_size, (b, t), dtype=np.int32),
-      "loss_mask": np.ones((b, t), np.float32),
-      "ref_tokens": rng.integers(5, m.vocab_size, (b, c, r), dtype=np.int32),
-      "ref_lengths": np.full((b, c), r, np.int32),
-  }
+  shapes = step_lib.batch_shapes(config_lib.model_config(cfg), cfg.data.batch_size,
+                                 use_memory=True)
+  batch = {k: rng.integers(5, m.vocab_size, shapes[k].shape, dtype=np.int32)
+           for k in ("tokens", "targets", "ref_tokens")}
+  batch["loss_mask"] = np.ones(shapes["loss_mask"].shape, np.float32)
+  batch["ref_lengths"] = np.full(shapes["ref_lengths"].shape, m.reference_length, np.int32)
+  return batch
 
 
 def _time_steps(step, state, batch, steps: int, probe=None
@@ -82,9 +84,11 @@ def run(cfg: ml_collections.ConfigDict, *, steps: int = 5) -> dict[str, Any]:
                                                  if ctx.use_memory else [])
     batch = {k: jax.device_put(jnp.asarray(host_batch[k]), ctx.batch_sharding) for k in keys}
     with sharding_lib.use_mesh(ctx.mesh, ctx.rules):
-      times, peaks, state = _time_steps(train_fn, state, batch, steps,
+      compiled = train_fn.lower(state, batch).compile()
+      times, peaks, state = _time_steps(compiled, state, batch, steps,
                                         probe=hardware.matmul_flops_now if probe else None)
     dt = statistics.median(times)
+    memory = xla_stats.memory_figures(compiled)
     flops = costs.train_flops_per_token(ctx.model_config, use_memory=ctx.use_memory,
                                         grad_through_references=bool(c.train.grad_through_references))
     # Per step: achieved FLOP/s over the peak (probed right after it on a shared CPU).
@@ -92,7 +96,8 @@ def run(cfg: ml_collections.ConfigDict, *, steps: int = 5) -> dict[str, Any]:
             for t, p in zip(times, peaks if probe else [peak] * len(times))]
     out[stage] = {"step_time_s": dt, "tokens_per_s": tokens / dt,
                   "model_flops_per_token": flops, "mfu": statistics.median(mfus),
-                  "mfu_per_step": mfus}
+                  "mfu_per_step": mfus,
+                  "memory_per_device": memory.as_dict() if memory else None}
     if probe:
       out[stage]["probed_peak_median"] = statistics.median(peaks)
     del state
@@ -106,16 +111,24 @@ def run(cfg: ml_collections.ConfigDict, *, steps: int = 5) -> dict[str, Any]:
 def format_result(r: dict[str, Any]) -> str:
   lines = [f"device: {r['device']} x{r['devices']}  peak {r['peak_flops_per_device']:.3g} "
            f"FLOP/s/device ({r['peak_source']})  tokens/step {r['tokens_per_step']}",
-           f"{'stage':<10} {'step s':>9} {'tokens/s':>10} {'MFU':>7} {'FLOPs/token':>12}"]
+           f"{'stage':<10} {'step s':>9} {'tokens/s':>10} {'MFU':>7} {'FLOPs/token':>12} "
+           f"{'temp GiB':>9} {'args GiB':>9} {'out GiB':>8}"]
   for stage in ("warmup", "continual"):
     s = r[stage]
+    mem = s.get("memory_per_device")
+    figures = (f" {mem['temp'] / GIB:>9.3f} {mem['arguments'] / GIB:>9.3f} "
+               f"{mem['outputs'] / GIB:>8.3f}" if mem else f" {'n/a':>9} {'n/a':>9} {'n/a':>8}")
     lines.append(f"{stage:<10} {s['step_time_s']:>9.4f} {s['tokens_per_s']:>10.0f} "
-                 f"{s['mfu']:>7.1%} {s['model_flops_per_token']:>12.3e}")
+                 f"{s['mfu']:>7.1%} {s['model_flops_per_token']:>12.3e}{figures}")
   for stage in ("warmup", "continual"):
     s = r[stage]
     if "probed_peak_median" in s:
       lines.append(f"{stage}: MFU = median of per-step MFU, the peak probed after each step "
                    f"(median {s['probed_peak_median']:.3g} FLOP/s)")
+  lines.append("memory: per device, from the compiler's analysis of the step (XLA:CPU's temp "
+               "is no guide to an accelerator's; `m3jax compile` plans a TPU)"
+               if r["device"] == "cpu" else "memory: per device, from the compiler's analysis "
+               "of the step")
   lines.append(f"continual / warmup step time: {r['continual_over_warmup_step_time']:.2f}x "
                f"(model FLOPs ratio {r['flops_ratio']:.2f}x; paper: a bit more than 2x)")
   return "\n".join(lines)

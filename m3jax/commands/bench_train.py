@@ -1,4 +1,5 @@
-"""`m3jax bench train`: warmup vs continual training-step throughput (tokens/s) and MFU.
+"""`m3jax bench train`: warmup vs continual training-step throughput (tokens/s), MFU and
+compiled memory.
 
   m3jax bench train --config=configs/demo.py [--steps=5] [--json=FILE]
 

@@ -1,4 +1,4 @@
-"""Peak FLOP/s per device, for MFU.
+"""Peak FLOP/s and memory per device, for MFU and for planning runs.
 
 Accelerators come from a table of vendor dense bf16 peaks (no sparsity). A CPU
 has no meaningful datasheet number, so its peak is *measured* once per process
@@ -31,6 +31,19 @@ PEAK_BF16_FLOPS = (
     ("tpu v5", 459e12),
     ("tpu v4", 275e12),
     ("tpu v3", 123e12),
+)
+
+
+# device_kind substring (lower case) -> memory per device (chip / GPU) in bytes, as the
+# vendors state it (TPU: Google Cloud TPU docs per chip; GPU: NVIDIA datasheets).
+HBM_BYTES = (
+    ("h200", 141 * 10**9),
+    ("h100", 80 * 2**30),
+    ("tpu v6 lite", 32 * 2**30),
+    ("tpu v5 lite", 16 * 2**30),
+    ("tpu v5e", 16 * 2**30),
+    ("tpu v5", 95 * 2**30),
+    ("tpu v4", 32 * 2**30),
 )
 
 
@@ -73,3 +86,9 @@ def peak_flops_per_device(override: float = 0.0, device: jax.Device | None = Non
     return measured_matmul_flops(), "measured f32 matmul on this CPU"
   raise InputError(f"no peak FLOP/s known for device kind {device.device_kind!r}; set "
                    "config field `train.peak_flops_per_device`")
+
+
+def hbm_bytes_per_device(device: jax.Device) -> int | None:
+  """Accelerator memory of one device from the table, or None when unknown (e.g. a CPU)."""
+  kind = device.device_kind.lower()
+  return next((n for name, n in HBM_BYTES if name in kind), None)

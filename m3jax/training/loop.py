@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -83,18 +83,29 @@ def state_class(cfg: ml_collections.ConfigDict) -> type:
   return dpo_lib.DpoState if cfg.train.stage == "dpo" else step_lib.TrainState
 
 
-def build_context(cfg: ml_collections.ConfigDict) -> RunContext:
-  """Mesh, optimizer and the shardings of the train state and of batches."""
-  mc = config_lib.model_config(cfg)
-  mesh = sharding_lib.make_mesh(cfg)
-  rules = sharding_lib.axis_rules(cfg)
-  tx = optim.make_optimizer(cfg.train)
-  schedule = optim.learning_rate_schedule(cfg.train)
-  n_batch_shards = 1
+def batch_shard_count(mesh: jax.sharding.Mesh, rules: Any) -> int:
+  """How many ways the rules split a batch's leading axis over the mesh."""
+  n = 1
   batch_axes = nn.logical_to_mesh_axes(("batch",), rules)[0]
   for ax in (batch_axes if isinstance(batch_axes, tuple) else (batch_axes,)):
     if ax is not None:
-      n_batch_shards *= mesh.shape[ax]
+      n *= mesh.shape[ax]
+  return n
+
+
+def build_context(cfg: ml_collections.ConfigDict,
+                  devices: Sequence[jax.Device] | None = None) -> RunContext:
+  """Mesh, optimizer and the shardings of the train state and of batches.
+
+  devices: the mesh's devices (default: all local and remote devices); `m3jax compile`
+  passes the devices of a TPU topology description to compile for a slice it lacks.
+  """
+  mc = config_lib.model_config(cfg)
+  mesh = sharding_lib.make_mesh(cfg, devices)
+  rules = sharding_lib.axis_rules(cfg)
+  tx = optim.make_optimizer(cfg.train)
+  schedule = optim.learning_rate_schedule(cfg.train)
+  n_batch_shards = batch_shard_count(mesh, rules)
   if cfg.data.batch_size % (n_batch_shards * cfg.train.grad_accum):
     raise config_lib.ConfigError(
         f"config field `data.batch_size`: {cfg.data.batch_size} is not divisible by the "
@@ -133,7 +144,8 @@ def init_state(ctx: RunContext, rng: jax.Array, params: Any = None) -> step_lib.
     return jax.jit(lambda p: init(None, p), out_shardings=ctx.state_shardings)(params)
 
 
-def _abstract_with_shardings(ctx: RunContext) -> Any:
+def abstract_state_with_shardings(ctx: RunContext) -> Any:
+  """The unboxed abstract train state, each leaf a ShapeDtypeStruct with its sharding."""
   abstract = nn.unbox(abstract_state(ctx.model_config, ctx.tx, state_class(ctx.cfg)))
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       abstract, ctx.state_shardings)
@@ -348,7 +360,7 @@ def _initial_state(cfg, ctx: RunContext, workdir: str, checkpointer, loader) -> 
   latest = checkpointer.latest_step()
   check_run_config(cfg, workdir, has_checkpoint=latest is not None)
   if latest is not None:
-    restored = checkpointer.restore(latest, _abstract_with_shardings(ctx))
+    restored = checkpointer.restore(latest, abstract_state_with_shardings(ctx))
     if restored.data_state is not None:
       loader.set_state(restored.data_state)
     _say(f"train: resumed from {checkpointer.step_dir(latest)}")

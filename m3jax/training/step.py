@@ -45,6 +45,21 @@ class TrainState(struct.PyTreeNode):
     return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
+def batch_shapes(config: ModelConfig, batch_size: int, *, use_memory: bool
+                 ) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes of a global training batch as the loader delivers it (docs/architecture.md
+  "Data between stages"), with one reference per chunk when memory is on."""
+  b, t = batch_size, config.max_seq_len
+  shapes = {"tokens": jax.ShapeDtypeStruct((b, t), jnp.int32),
+            "targets": jax.ShapeDtypeStruct((b, t), jnp.int32),
+            "loss_mask": jax.ShapeDtypeStruct((b, t), jnp.float32)}
+  if use_memory:
+    c = t // config.chunk_length
+    shapes["ref_tokens"] = jax.ShapeDtypeStruct((b, c, config.reference_length), jnp.int32)
+    shapes["ref_lengths"] = jax.ShapeDtypeStruct((b, c), jnp.int32)
+  return shapes
+
+
 def targets_and_mask(batch: Batch, pad_id: int) -> tuple[jax.Array, jax.Array]:
   """Next-token targets [B, T] and loss mask [B, T] (padding targets excluded).
 

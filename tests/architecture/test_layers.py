@@ -25,7 +25,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("m3jax.memory",),
     ("m3jax.training", "m3jax.inference"),
     ("m3jax.evaluation",),
-    ("m3jax.bench",),
+    ("m3jax.bench", "m3jax.planning"),
     ("m3jax.demo",),
     ("m3jax.commands", "m3jax.cli", "launch"),
 )
