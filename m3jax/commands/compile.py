@@ -1,5 +1,7 @@
-"""`m3jax compile --config=... --topology=v5e:2x2`: per-chip memory and FLOPs of a train step
-on a TPU slice, compiled ahead of time on this machine (needs the `tpu` extra, no TPU).
+"""`m3jax compile`: per-chip memory and FLOPs of a train step on a TPU slice, compiled
+ahead of time on this machine (needs the `tpu` extra, no TPU).
+
+  m3jax compile --config=configs/memory3_2p4b.py --topology=v5e:2x2 [--stage=continual]
 
 `--topology=local` compiles for this machine's own devices instead (a GPU host's GPUs).
 """
@@ -14,6 +16,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from m3jax import cli
 from m3jax import commands
 from m3jax.core import config as config_lib
 from m3jax.planning import aot
@@ -30,31 +33,23 @@ _SEQ_LEN = flags.DEFINE_integer("seq_len", None, "Sequence length (default: mode
 _JSON = flags.DEFINE_string("json", None, "Also write the figures and verdict to this JSON file.")
 
 
-def _fail(msg: str) -> None:
-  print(f"m3jax compile: error: {msg}", file=sys.stderr)
-  sys.exit(1)
-
-
 def main(argv: list[str]) -> None:
   commands.check_args(argv, _CONFIG)
   if not _TOPOLOGY.value:
     raise app.UsageError("--topology is required, e.g. --topology=v5e:2x2 (or local)")
-  try:
-    cfg = aot.stage_config(config_lib.validate(_CONFIG.value), _STAGE.value, _SEQ_LEN.value)
-    if _TOPOLOGY.value == "local":
-      devices, target = None, None
-    else:
-      topo = topology_lib.parse_topology(_TOPOLOGY.value)
-      devices, target = topology_lib.topology_devices(topo), topo.name
-      if cfg.model.attention_impl == "auto":
-        # "auto" resolves against this host's backend, not the target's.
-        cfg.model.attention_impl = "blockwise"
-        print("attention: model.attention_impl=auto resolves on this host's backend, not the "
-              "TPU's; compiling blockwise (linear memory in T; name another with "
-              "--config.model.attention_impl)", file=sys.stderr)
-    plan = aot.compile_train_step(cfg, devices, target=target)
-  except (config_lib.ConfigError, topology_lib.TopologyError) as e:
-    _fail(str(e))
+  cfg = aot.stage_config(config_lib.validate(_CONFIG.value), _STAGE.value, _SEQ_LEN.value)
+  if _TOPOLOGY.value == "local":
+    devices, target = None, None
+  else:
+    topo = topology_lib.parse_topology(_TOPOLOGY.value)
+    devices, target = topology_lib.topology_devices(topo), topo.name
+    if cfg.model.attention_impl == "auto":
+      # "auto" resolves against this host's backend, not the target's.
+      cfg.model.attention_impl = "blockwise"
+      print("attention: model.attention_impl=auto resolves on this host's backend, not the "
+            "TPU's; compiling blockwise (linear memory in T; name another with "
+            "--config.model.attention_impl)", file=sys.stderr)
+  plan = aot.compile_train_step(cfg, devices, target=target)
   print(report.format_plan(plan))
   if _JSON.value:
     v = report.verdict(plan)
@@ -66,4 +61,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(cli.run_module(sys.modules[__name__], sys.argv[1:]))

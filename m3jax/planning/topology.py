@@ -19,6 +19,8 @@ from typing import Sequence
 import jax
 from jax.experimental import topologies
 
+from m3jax.core import errors
+
 # generation -> number of axes of its chip grid.
 GENERATIONS: dict[str, int] = {"v4": 3, "v5e": 2, "v5p": 3, "v6e": 2}
 # v4 and v5p chips have two TensorCores that JAX drives as one device ("megacore"); without
@@ -28,7 +30,7 @@ _MEGACORE = ("v4", "v5p")
 _NAME = re.compile(r"^(?P<gen>v\d+[a-z]*):(?P<dims>\d+(?:x\d+)*)$")
 
 
-class TopologyError(ValueError):
+class TopologyError(errors.UserError, ValueError):
   """A topology name is malformed, or this machine cannot compile for it."""
 
 
