@@ -1,7 +1,8 @@
 """Running the evaluation: every task in every memory mode, its table and its report.
 
 `run_all(model, tasks, modes)` runs the tasks of m3jax.evaluation.tasks under the
-memory modes of m3jax.inference.generate.MEMORY_MODES (explicit, none, rag; see
+memory modes of m3jax.inference.generate.MEMORY_MODES (explicit; none = the sink
+prefix kept and every memory masked; rag; none-noprefix, a labelled extra; see
 m3jax.evaluation.scoring) and returns {task: {mode: metrics}}; each memory-mode
 result records its retrieval counts, among them how many references the leakage
 filter dropped, and `unfiltered=True` repeats the memory modes with the filter
@@ -118,7 +119,7 @@ def run_all(model: OpenedModel, tasks: dict[str, Any], modes: Sequence[str], *,
       log(f"eval: {task} / {mode}")
       results[task][mode] = run_task(model, task, data, mode, retriever=model.retriever,
                                      **sizes)
-      if unfiltered and mode != "none" and model.retriever is not None:
+      if unfiltered and mode not in gen_lib.NO_MEMORY_MODES and model.retriever is not None:
         log(f"eval: {task} / {mode} (leakage filter off)")
         results[task][f"{mode}/unfiltered"] = run_task(
             model, task, data, mode, retriever=model.retriever.with_threshold(None), **sizes)
