@@ -2,9 +2,10 @@
 
 `generate(settings)` builds, deterministically from `data.knowledge_world`, a
 population of invented people. Each person has eight attributes (birth date, birth
-city, university, field of study, employer, the employer's city, hobby, musical
-instrument) drawn from fixed value lists; names are invented syllable combinations
-and unique. People fall into three groups:
+city, university, field of study, employer, the city the person works in, hobby,
+musical instrument), each drawn independently and uniformly from its own value list
+(`value_lists()`; a birth date from `_random_date`), so no attribute can be inferred
+from another; names are invented syllable combinations and unique. People fall into three groups:
 
 * seen: several biography paraphrases and question/answer (QA) text are in the
   training text;
@@ -27,7 +28,9 @@ Splits:
   ~53-token paragraph keeps the answer in under half of its memories). The
   sentences, joined, are template 0, which never appears in the training text;
 * eval questions: for every person, `eval_questions_per_entity` held-out attributes
-  with the gold value and `n_distractors` wrong values of the same attribute.
+  with the gold value and `n_distractors` wrong values of the same attribute, drawn
+  from the values the attribute is drawn from (no distractor is a value no person can
+  have, so none can be ruled out by a pattern).
 
 Held-out rule: a held-out (person, attribute) pair appears in NO training QA, in any
 phrasing. The eval thus measures knowledge, never a memorised QA line: for seen
@@ -91,7 +94,7 @@ FIELDS = ("astronomy", "botany", "chemistry", "civil engineering", "computer sci
           "zoology", "music theory", "law", "anthropology", "materials science", "ecology",
           "archaeology", "neuroscience", "meteorology", "political science", "genetics",
           "mechanical engineering")
-_EMPLOYERS = ("Valdris Dynamics", "Orrin & Pike", "Lumen Forge", "Kettleby Foods",
+EMPLOYERS = ("Valdris Dynamics", "Orrin & Pike", "Lumen Forge", "Kettleby Foods",
               "Brindle Analytics", "Sable Maritime", "Quartzline Systems", "Hearthstone Mutual",
               "Ferrow Pharmaceuticals", "Tallis Aerospace", "Mossgrove Publishing", "Cinder Rail",
               "Arbor Textiles", "Glimmerworks", "Pallas Energy", "Northbeam Logistics",
@@ -102,8 +105,6 @@ _EMPLOYERS = ("Valdris Dynamics", "Orrin & Pike", "Lumen Forge", "Kettleby Foods
               "Peregrine Airlines", "Redfern Motors", "Starling Media", "Thistle Farms",
               "Umbra Security", "Verity Consulting", "Willowbrook Hospital", "Yarrow Seeds",
               "Zenith Glassworks")
-# Each employer has one fixed city: `employer_city` is a fact that follows from `employer`.
-EMPLOYERS = tuple((name, CITIES[(7 * i + 3) % len(CITIES)]) for i, name in enumerate(_EMPLOYERS))
 HOBBIES = ("chess", "sailing", "birdwatching", "pottery", "rock climbing", "gardening", "fencing",
            "origami", "archery", "calligraphy", "beekeeping", "kayaking", "stargazing",
            "woodcarving", "stamp collecting", "marathon running", "baking", "photography",
@@ -272,8 +273,7 @@ def resolve_settings(cfg: Any) -> dict[str, int]:
       (s["qa_per_entity"] <= (len(ATTRIBUTES) - s["eval_questions_per_entity"]) * 3,
        "qa_per_entity", "exceeds the distinct (attribute, phrasing) pairs left after holding out "
        "the eval attributes"),
-      (s["n_distractors"] < min(len(CITIES), len(UNIVERSITIES), len(FIELDS), len(EMPLOYERS),
-                                len(HOBBIES), len(INSTRUMENTS)), "n_distractors",
+      (s["n_distractors"] < min(len(v) for v in value_lists().values()), "n_distractors",
        "larger than the smallest attribute value list"),
   )
   for ok, field, msg in checks:
@@ -288,9 +288,10 @@ def resolve_settings(cfg: Any) -> dict[str, int]:
 
 
 def value_lists() -> dict[str, tuple[str, ...]]:
-  return dict(birth_city=CITIES, university=UNIVERSITIES, field=FIELDS,
-              employer=tuple(e for e, _ in EMPLOYERS), employer_city=CITIES, hobby=HOBBIES,
-              instrument=INSTRUMENTS)
+  """The values each attribute but birth_date is drawn from (uniformly, independently of
+  the other attributes), which are also its distractors' values."""
+  return dict(birth_city=CITIES, university=UNIVERSITIES, field=FIELDS, employer=EMPLOYERS,
+              employer_city=CITIES, hobby=HOBBIES, instrument=INSTRUMENTS)
 
 
 def _random_date(rng: np.random.Generator) -> str:
@@ -329,15 +330,8 @@ def generate(cfg: Any = None) -> World:
   values = value_lists()
   entities = []
   for i in range(n):
-    employer, employer_city = EMPLOYERS[int(rng.integers(len(EMPLOYERS)))]
-    attrs = dict(
-        birth_date=_random_date(rng),
-        birth_city=CITIES[int(rng.integers(len(CITIES)))],
-        university=UNIVERSITIES[int(rng.integers(len(UNIVERSITIES)))],
-        field=FIELDS[int(rng.integers(len(FIELDS)))],
-        employer=employer, employer_city=employer_city,
-        hobby=HOBBIES[int(rng.integers(len(HOBBIES)))],
-        instrument=INSTRUMENTS[int(rng.integers(len(INSTRUMENTS)))])
+    attrs = {a: (_random_date(rng) if a == "birth_date"
+                 else values[a][int(rng.integers(len(values[a])))]) for a in ATTRIBUTES}
     pronouns = ("she", "her", "her") if rng.random() < 0.5 else ("he", "him", "his")
     entities.append(Entity(i, names[i], str(groups[i]), pronouns, attrs))
 

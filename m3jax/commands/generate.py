@@ -39,8 +39,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default data/ind
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "prepare-data directory (tokenizer, refs).")
 _INDEX = flags.DEFINE_string("index", None, "Index directory (m3jax build-index).")
 _BANK = flags.DEFINE_string("bank", None, "Memory bank directory (m3jax encode-memory).")
-_MEMORY = flags.DEFINE_enum("memory", "explicit", ["explicit", "none", "rag"],
-                            "explicit memory, plain model, or text RAG.")
+_MEMORY = flags.DEFINE_enum("memory", "explicit", list(gen_lib.MEMORY_MODES),
+                            "explicit memory; none (sink prefix kept, memories masked); "
+                            "text RAG; none-noprefix (the plain model, no prefix).")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable; `\\n` = newline).")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "Prompts, one per line, or JSONL.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate at most.")

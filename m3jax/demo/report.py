@@ -144,6 +144,9 @@ def format_summary(sm: dict[str, Any]) -> str:
   lines = ["=" * 72, f"Memory³ demo ({sm['config']}) — evidence", "=" * 72, "", "stages:"]
   for k, r in sm["stages"].items():
     lines.append(f"  {k:<10} {r['status']:<7} {r['seconds']:8.1f}s")
+  lines += ["", "modes: none = the same checkpoint with its <s>Reference: sink prefix and every "
+            "memory masked;", "  held-out perplexity retrieves chunk c's memories (RAG: "
+            "references) with the text before chunk c"]
   for task, title in (("kw_mc", "knowledge QA, multiple choice (acc)"),
                       ("kw_qa", "knowledge QA, greedy answer (exact match)")):
     acc = sm["qa_accuracy"].get(task)
@@ -203,10 +206,11 @@ def write_plots(workdir: str, sm: dict[str, Any]) -> None:
     c = sm["curves"][stage]
     ax.plot(c["step"], c["train_loss"], label="train loss")
     if c["eval_steps"]:
-      ax.plot(c["eval_steps"], c["eval_no_memory_loss"], "o-", label="held-out, no memory")
+      ax.plot(c["eval_steps"], c["eval_no_memory_loss"], "o-",
+              label="held-out, no memory" + (" (sink kept)" if stage == "continual" else ""))
       mem = [np.nan if v is None else v for v in c["eval_memory_loss"]]
       if not all(math.isnan(v) for v in mem):
-        ax.plot(c["eval_steps"], mem, "s-", label="held-out, with memory")
+        ax.plot(c["eval_steps"], mem, "s-", label="held-out, memory of preceding chunks")
     ax.set_title(f"{stage} stage")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")

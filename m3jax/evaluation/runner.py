@@ -1,7 +1,8 @@
 """Running the evaluation: every task in every memory mode, its table and its report.
 
 `run_all(model, tasks, modes)` runs the tasks of m3jax.evaluation.tasks under the
-memory modes of m3jax.inference.generate.MEMORY_MODES (explicit, none, rag; see
+memory modes of m3jax.inference.generate.MEMORY_MODES (explicit; none = the sink
+prefix kept and every memory masked; rag; none-noprefix, a labelled extra; see
 m3jax.evaluation.scoring) and returns {task: {mode: metrics}}; each memory-mode
 result records its retrieval counts, among them how many references the leakage
 filter dropped, and `unfiltered=True` repeats the memory modes with the filter
@@ -147,7 +148,7 @@ def run_all(model: OpenedModel, tasks: dict[str, Any], modes: Sequence[str], *,
       if task == "kw_coverage" and mode != "explicit":
         continue
       runs = [(mode, model.retriever)]
-      if unfiltered and mode != "none" and model.retriever is not None:
+      if unfiltered and mode not in gen_lib.NO_MEMORY_MODES and model.retriever is not None:
         runs.append((f"{mode}/unfiltered", model.retriever.with_threshold(None)))
       for name, retriever in runs:
         log(f"eval: {task} / {name}" + (" (leakage filter off)" if "/" in name else ""))

@@ -3,10 +3,13 @@
 Memory modes (m3jax.inference.generate.MEMORY_MODES): explicit (memories per the retrieval
 schedule: the context's chunks retrieve their own memories with their own text
 as a prompt would, and the continuation's chunks follow the generation rule),
-none (the plain model) and rag (the references retrieved once with the question
-text and prepended, m3jax.retrieval.rag). The leakage filter drops references
-whose overlap with the question (the context, for perplexity the scored
-sequence) exceeds the threshold; `Scorer.stats` counts what it dropped.
+none (the same model with the `<s>Reference:` sink prefix and every memory
+masked), none-noprefix (the plain model, no prefix: a labelled extra) and rag
+(the references retrieved once with the question text and prepended,
+m3jax.retrieval.rag). Held-out perplexity never retrieves with the tokens it
+scores (`Scorer.sequence_nll`). The leakage filter drops references whose
+overlap with the question (the context, for perplexity the scored sequence)
+exceeds the threshold; `Scorer.stats` counts what it dropped.
 
 `score_multiple_choice` and `score_exact_match` turn a scorer's log-likelihoods
 and a generator's completions into task metrics (m3jax.evaluation.text_metrics).
@@ -99,20 +102,21 @@ def _forward(config: ModelConfig):
 
 
 @functools.lru_cache(maxsize=None)
-def _shared_prefix_scores(config: ModelConfig):
+def _shared_prefix_scores(config: ModelConfig, with_prefix: bool):
   """Jitted scoring of K continuations per context that encodes each context ONCE.
 
   (params, contexts [B, Tc] right-padded, lengths [B], continuations [B, K, Lc])
   -> (log p of each continuation token [B, K, Lc], token is argmax [B, K, Lc]).
   The context is prefilled into a KV cache, the cache is repeated K times and the
-  continuation tokens are fed with decode steps. No memory: for modes none / rag,
-  where contexts (with RAG, five references) dwarf the choices.
+  continuation tokens are fed with decode steps. No memory: for modes none /
+  none-noprefix / rag, where contexts (with RAG, five references) dwarf the
+  choices; `with_prefix` puts the `<s>Reference:` sink in front (mode none).
   """
   model = Transformer(config)
 
   def score(params, contexts, lengths, conts):
     b, k, lc = conts.shape
-    cache = decoding.init_cache(config, b, contexts.shape[1] + lc, with_prefix=False)
+    cache = decoding.init_cache(config, b, contexts.shape[1] + lc, with_prefix=with_prefix)
     logits, cache = model.apply({"params": params}, contexts, cache, lengths=lengths,
                                 last_only=True, method=Transformer.prefill)
     cache = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), cache)
@@ -192,27 +196,46 @@ class Scorer:
   def sequence_nll(self, sequences: Sequence[Sequence[int]]) -> tuple[float, int]:
     """(sum of -log p, tokens scored) over every token after the first of each sequence.
 
-    Explicit memory treats the whole sequence as a prompt (each chunk retrieves
-    with its own text), filtered against the sequence's own text; RAG
-    retrieves once with the first chunk's text and prepends the references.
+    No self-retrieval: the memories (explicit) or references (rag) that chunk c is
+    scored with are retrieved with the text BEFORE chunk c, as in generation, never
+    with the tokens being scored. Explicit memory follows the generation schedule
+    from a one-token prompt (chunk c >= 1 queries with chunk c-1's tokens, chunk 0
+    gets none); rag scores each chunk c in its own context, the references
+    retrieved with chunk c-1's tokens (none for chunk 0) in front of the sequence up
+    to chunk c. The leakage filter compares references with the whole sequence.
     """
     seqs = [list(map(int, s)) for s in sequences]
-    texts = [self.tokenizer.decode([t for t in s if t not in self._specials]) for s in seqs]
-    prompts, starts = [len(s) for s in seqs], [1] * len(seqs)
+    texts = [self._text(s) for s in seqs]
     if self.mode == "rag":
-      L = self.config.chunk_length
-      queries = [self.tokenizer.decode([t for t in s[:L] if t not in self._specials])
-                 for s in seqs]
-      got = rag_lib.rag_contexts(self.retriever, self.references, seqs, queries,
-                                 bos_id=self.config.bos_id, separator=self.separator,
-                                 filter_texts=texts)
-      self._count_rag(len(got.contexts), got)
-      # Score the sequence's own tokens only: those after the references.
-      # (build_context drops a leading <s> of the sequence and adds its own.)
-      starts = [len(c) - len(s) + 1 for c, s in zip(got.contexts, seqs)]
-      seqs, prompts = got.contexts, [len(c) for c in got.contexts]
-    results = self._score(seqs, prompts, starts, texts)
+      results = self._score_rag_chunks(seqs, texts)
+    else:
+      results = self._score(seqs, [1] * len(seqs), [1] * len(seqs), texts)
     return -sum(r.logprob for r in results), sum(r.n_tokens for r in results)
+
+  def _score_rag_chunks(self, seqs: list[list[int]], texts: list[str]) -> list[LLResult]:
+    """Each chunk of each sequence scored after the references its predecessor retrieves."""
+    L = self.config.chunk_length
+    where, queries, prefixes, filters = [], [], [], []
+    for i, s in enumerate(seqs):
+      for c in range(-(-(len(s) - 1) // L)):
+        where.append((i, c))
+        queries.append(self._text(s[(c - 1) * L:c * L]) if c else "")
+        prefixes.append(s[:(c + 1) * L + 1])
+        filters.append(texts[i])
+    got = rag_lib.rag_contexts(self.retriever, self.references, prefixes, queries,
+                               bos_id=self.config.bos_id, separator=self.separator,
+                               filter_texts=filters)
+    self._count_rag(sum(bool(q.strip()) for q in queries), got)
+    # Target s[c*L + 1] (chunk c's first) sits at index len(context) - len(prefix) + c*L + 1
+    # (build_context drops a leading <s> of the prefix and adds its own).
+    starts = [len(ctx) - len(p) + c * L + 1
+              for ctx, p, (_, c) in zip(got.contexts, prefixes, where)]
+    scored = self._score(got.contexts, [len(ctx) for ctx in got.contexts], starts, filters)
+    out = [LLResult(0.0, 0, True) for _ in seqs]
+    for (i, _), r in zip(where, scored):
+      o = out[i]
+      out[i] = LLResult(o.logprob + r.logprob, o.n_tokens + r.n_tokens, o.greedy and r.greedy)
+    return out
 
   # ------------------------------------------------------------ internals
 
@@ -220,6 +243,9 @@ class Scorer:
   def _specials(self) -> frozenset[int]:
     c = self.config
     return frozenset((c.pad_id, c.bos_id, c.eos_id))
+
+  def _text(self, tokens: Sequence[int]) -> str:
+    return self.tokenizer.decode([t for t in tokens if t not in self._specials])
 
   def _count_rag(self, retrievals: int,
                  got: rag_lib.RagReferences | rag_lib.RagContexts) -> None:
@@ -245,7 +271,7 @@ class Scorer:
       groups.setdefault(tuple(c), []).append(i)
     keys = sorted(groups, key=len)
     out: list[LLResult | None] = [None] * len(contexts)
-    fn = _shared_prefix_scores(cfg)
+    fn = _shared_prefix_scores(cfg, gen_lib.uses_reference_prefix(self.mode))
     for lo in range(0, len(keys), B):
       batch = keys[lo:lo + B]
       tc = _bucket_length(max(len(c) for c in batch), cfg.chunk_length)
@@ -293,7 +319,7 @@ class Scorer:
         mem, mask = self.retrieval.lookup(ids)
         mem, mask = jnp.asarray(mem), jnp.asarray(mask)
       lp, greedy = self._forward(self.params, jnp.asarray(tokens), jnp.asarray(targets), mem,
-                                 mask, with_prefix=self.mode == "explicit")
+                                 mask, with_prefix=gen_lib.uses_reference_prefix(self.mode))
       lp, greedy = np.asarray(lp, np.float64), np.asarray(greedy)
       for j, i in enumerate(rows):
         # Target seq[k] sits at input position k - 1.

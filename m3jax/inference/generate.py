@@ -27,8 +27,12 @@ Sampling: greedy (temperature 0), temperature, and nucleus (top-p); the token
 of step s is drawn with `fold_in(key, s)`, so a fixed key gives fixed outputs.
 Generation stops at eos (per row; the row then emits pad) or max_new_tokens.
 Memory modes (`MEMORY_MODES`): explicit = memories per the schedule; none = the
-plain model (no `<s>Reference:` prefix); rag = the retrieved references' text
-prepended to the prompt (m3jax.retrieval.rag), then the plain model.
+same model with the `<s>Reference:` sink prefix it was trained with and every
+memory masked (the fair no-memory baseline of a continual checkpoint);
+none-noprefix = the plain model without the prefix (a labelled extra: out of
+distribution for a continual checkpoint, the natural mode of a warmup one); rag =
+the retrieved references' text prepended to the prompt (m3jax.retrieval.rag),
+then the plain model.
 """
 
 from __future__ import annotations
@@ -51,7 +55,17 @@ from m3jax.core.config import ModelConfig
 from m3jax.model.transformer import Transformer
 from m3jax.retrieval import rag as rag_lib
 
-MEMORY_MODES = ("explicit", "none", "rag")
+MEMORY_MODES = ("explicit", "none", "rag", "none-noprefix")
+NO_MEMORY_MODES = ("none", "none-noprefix")
+
+
+def uses_reference_prefix(mode: str) -> bool:
+  """Whether a memory mode runs with the `<s>Reference:` sink prefix: explicit memory
+  needs it, and `none` keeps it (memories masked) so that a continual checkpoint is
+  compared with itself, not with an input it never saw in training."""
+  if mode not in MEMORY_MODES:
+    raise ValueError(f"memory mode {mode!r}: expected one of {MEMORY_MODES}")
+  return mode in ("explicit", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,7 +352,8 @@ class TextGenerator:
 
   mode "explicit" needs `retrieval` (m3jax.retrieval.schedule.MemoryRetrieval);
   "rag" needs `retriever` (m3jax.retrieval.retriever.Retriever, its k references per
-  prompt) and `references` (a store with tokens_by_ids); "none" needs neither.
+  prompt) and `references` (a store with tokens_by_ids); "none" (sink prefix kept,
+  no memory) and "none-noprefix" need neither.
   Prompts are encoded as `<s>` + tokens. Batches are sorted by length so that
   similar prompts share a compiled shape.
 
@@ -407,7 +422,8 @@ class TextGenerator:
           [contexts[i] for i in rows], max_new_tokens=max_new_tokens, sampling=sampling,
           key=jax.random.fold_in(key, start), stop_at_eos=stop_at_eos,
           memory=self.retrieval if self.mode == "explicit" else None,
-          filter_texts=None if filter_texts is None else [filter_texts[i] for i in rows])
+          filter_texts=None if filter_texts is None else [filter_texts[i] for i in rows],
+          with_prefix=uses_reference_prefix(self.mode))
       self.stats["retrievals"] += got.retrievals
       for j, i in enumerate(rows):
         toks = got.tokens[j, :got.lengths[j]].tolist()

@@ -187,6 +187,26 @@ class NeighborTable:
     return np.concatenate(parts)
 
 
+class PrecedingNeighbors:
+  """A neighbor table seen as held-out evaluation must see it: chunk c gets the
+  neighbor mined for chunk c - 1 (retrieved with the text BEFORE chunk c), chunk 0
+  none (-1). Generation retrieves a chunk's memories the same way; the table as
+  mined (each chunk's neighbor retrieved with its own text) would score tokens
+  with memories found by those very tokens."""
+
+  def __init__(self, table: Any):
+    self.table = table
+
+  def __len__(self) -> int:
+    return len(self.table)
+
+  def __getitem__(self, seq_index: int) -> np.ndarray:
+    row = np.asarray(self.table[seq_index])
+    out = np.full_like(row, -1)
+    out[1:] = row[:-1]
+    return out
+
+
 def expected_identity(cfg: Any, root: str, split: str = "train") -> dict[str, Any]:
   """Manifest fields a neighbor table of this data root, split and config must carry:
   everything a trainer can check without opening the index (`NeighborTable(expect=)`)."""

@@ -162,7 +162,10 @@ def compile_steps(ctx: RunContext) -> tuple[Callable, Callable, Callable | None]
   train = jax.jit(train_fn, in_shardings=(ctx.state_shardings, ctx.batch_sharding),
                   out_shardings=(ctx.state_shardings, None), donate_argnums=(0,))
   params_sh = ctx.state_shardings.params
-  plain = jax.jit(step_lib.make_eval_step(ctx.model_config, use_memory=False),
+  # A memory-trained model is evaluated without memory as it was trained: the sink
+  # prefix kept, every memory masked.
+  plain = jax.jit(step_lib.make_eval_step(ctx.model_config, use_memory=False,
+                                          with_prefix=ctx.use_memory),
                   in_shardings=(params_sh, ctx.batch_sharding))
   with_mem = None
   if ctx.model_config.n_memory_layers:
@@ -249,7 +252,14 @@ def make_train_loader(ctx: RunContext, root: str):
 
 def evaluate(ctx: RunContext, params: Any, root: str, eval_plain: Callable,
              eval_mem: Callable | None) -> dict[str, float]:
-  """Held-out loss/perplexity without memory and, when neighbors exist, with memory."""
+  """Held-out loss/perplexity without memory and, when neighbors exist, with memory.
+
+  Without memory, a memory-trained model keeps its `<s>Reference:` sink prefix with
+  every memory masked. With memory, chunk c reads the neighbors mined for chunks
+  before it (`neighbor_table.PrecedingNeighbors`): its memories are retrieved with
+  text that precedes it, as in generation, never with the tokens being scored. A
+  one-chunk sequence thus has no memory, and its loss equals the no-memory loss.
+  """
   if ctx.cfg.train.stage in POST_STAGES:
     return _evaluate_post_training(ctx, params, root, eval_plain, eval_mem)
   out: dict[str, float] = {}
@@ -257,7 +267,8 @@ def evaluate(ctx: RunContext, params: Any, root: str, eval_plain: Callable,
   modes = [("eval/no_memory", eval_plain, None)]
   inputs = memory_inputs(ctx.cfg, root, "validation") if eval_mem is not None else None
   if inputs is not None:
-    modes.append(("eval/memory", eval_mem, inputs))
+    modes.append(("eval/memory", eval_mem,
+                  (neighbor_table.PrecedingNeighbors(inputs[0]), inputs[1])))
   for name, fn, inp in modes:
     loader = loader_lib.make_loader(
         ctx.cfg, root, split="validation", sharding=ctx.batch_sharding, num_epochs=1,

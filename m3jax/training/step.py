@@ -82,8 +82,12 @@ def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 def forward(model: Transformer, params: Any, batch: Batch, *, use_memory: bool,
             grad_through_references: bool = True,
-            with_intermediates: bool = False) -> tuple[jax.Array, dict]:
+            with_intermediates: bool = False,
+            with_prefix: bool = False) -> tuple[jax.Array, dict]:
   """Logits [B, T, V] for a batch, encoding its references first when memory is on.
+
+  `with_prefix` (memory off only) keeps the `<s>Reference:` sink prefix: a
+  continual-stage model read without memory, as it was trained, all memories masked.
 
   Returns (logits, stats) where stats holds memory statistics when memory is on:
   `memory_chunk_share` (chunks whose reference exists) and, with
@@ -92,7 +96,7 @@ def forward(model: Transformer, params: Any, batch: Batch, *, use_memory: bool,
   """
   variables = {"params": params}
   if not use_memory:
-    return model.apply(variables, batch["tokens"]), {}
+    return model.apply(variables, batch["tokens"], with_prefix=with_prefix), {}
   memories, mask = model.apply(variables, batch["ref_tokens"], batch["ref_lengths"],
                                stop_gradient=not grad_through_references,
                                method=Transformer.memories_from_references)
@@ -157,14 +161,16 @@ def make_train_step(config: ModelConfig, tx: optax.GradientTransformation, *,
   return train_step
 
 
-def make_eval_step(config: ModelConfig, *, use_memory: bool
+def make_eval_step(config: ModelConfig, *, use_memory: bool, with_prefix: bool = False
                    ) -> Callable[[Any, Batch], Metrics]:
-  """Pure eval step: summed loss and token count (aggregate over batches, then divide)."""
+  """Pure eval step: summed loss and token count (aggregate over batches, then divide).
+
+  `with_prefix` (memory off): keep the `<s>Reference:` sink, memories masked."""
   model = Transformer(config)
 
   def eval_step(params: Any, batch: Batch) -> Metrics:
     logits, stats = forward(model, params, batch, use_memory=use_memory,
-                            with_intermediates=use_memory)
+                            with_intermediates=use_memory, with_prefix=with_prefix)
     targets, mask = targets_and_mask(batch, config.pad_id)
     out = {"loss_sum": jnp.sum(token_losses(logits, targets) * mask), "tokens": jnp.sum(mask)}
     out.update(stats)

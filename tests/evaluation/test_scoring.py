@@ -75,39 +75,114 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(cfg, params, sourc
 # ---------------------------------------------------------------- scoring against the model
 
 
-def _direct_logprob(cfg, params, seq, start, mem=None, mask=None):
+def _direct_logprob(cfg, params, seq, start, mem=None, mask=None, with_prefix=None):
   logits = Transformer(cfg).apply({"params": params}, jnp.asarray([seq[:-1]]), memories=mem,
-                                  memory_mask=mask)
+                                  memory_mask=mask, with_prefix=with_prefix)
   logp = jax.nn.log_softmax(logits[0], -1)
   return float(sum(logp[k - 1, seq[k]] for k in range(start, len(seq))))
 
 
-def _check_against_direct_forwards(cfg, params, tok, reqs, got):
+def _check_against_direct_forwards(cfg, params, tok, reqs, got, with_prefix):
   for r, g in zip(reqs, got):
     ctx = [cfg.bos_id] + tok.encode(r.context)
     seq = ctx + tok.encode(r.continuation)
     assert g.n_tokens == len(tok.encode(r.continuation))
-    assert g.logprob == pytest.approx(_direct_logprob(cfg, params, seq, len(ctx)), abs=1e-4)
+    want = _direct_logprob(cfg, params, seq, len(ctx), with_prefix=with_prefix)
+    assert g.logprob == pytest.approx(want, abs=1e-4)
+    # The two no-memory modes differ: the sink prefix changes what the model computes.
+    other = _direct_logprob(cfg, params, seq, len(ctx), with_prefix=not with_prefix)
+    assert g.logprob != pytest.approx(other, abs=1e-4)
+
+
+# none keeps the `<s>Reference:` sink prefix (memories masked); none-noprefix drops it.
+_NO_MEMORY = (("none", True), ("none-noprefix", False))
 
 
 @pytest.mark.slow
-def test_loglikelihood_matches_a_direct_forward_without_memory(cfg, params):
+@pytest.mark.parametrize("mode,with_prefix", _NO_MEMORY)
+def test_loglikelihood_matches_a_direct_forward_without_memory(cfg, params, mode, with_prefix):
   tok = WordTokenizer()
-  scorer = scoring.Scorer(cfg, params, tok, "none", batch_size=4)
+  scorer = scoring.Scorer(cfg, params, tok, mode, batch_size=4)
   reqs = [scoring.LLRequest("10 11 12", " 13 14", "q"),
           scoring.LLRequest("20 " * 19, "21", "q")]
-  _check_against_direct_forwards(cfg, params, tok, reqs, scorer.loglikelihood(reqs))
+  _check_against_direct_forwards(cfg, params, tok, reqs, scorer.loglikelihood(reqs),
+                                 with_prefix)
 
 
 @pytest.mark.slow
-def test_choices_sharing_a_context_score_as_separate_forwards(cfg, params):
+@pytest.mark.parametrize("mode,with_prefix", _NO_MEMORY)
+def test_choices_sharing_a_context_score_as_separate_forwards(cfg, params, mode, with_prefix):
   # none / rag encode a context once and feed its choices with decode steps.
   tok = WordTokenizer()
-  scorer = scoring.Scorer(cfg, params, tok, "none", batch_size=2)
+  scorer = scoring.Scorer(cfg, params, tok, mode, batch_size=2)
   conts = (" 13", " 14 15 16", " 17 18", " 19 20 21 22 23")
   reqs = ([scoring.LLRequest("10 11 12", c, "q") for c in conts]
           + [scoring.LLRequest("30", " 31", "q")])
-  _check_against_direct_forwards(cfg, params, tok, reqs, scorer.loglikelihood(reqs))
+  _check_against_direct_forwards(cfg, params, tok, reqs, scorer.loglikelihood(reqs),
+                                 with_prefix)
+
+
+def test_none_sequence_nll_keeps_the_sink_prefix(cfg, params):
+  rng = np.random.default_rng(3)
+  seq = rng.integers(5, cfg.vocab_size, 21).tolist()
+  for mode, with_prefix in _NO_MEMORY:
+    nll, n = scoring.Scorer(cfg, params, WordTokenizer(), mode).sequence_nll([seq])
+    assert n == 20
+    assert -nll == pytest.approx(_direct_logprob(cfg, params, seq, 1, with_prefix=with_prefix),
+                                 abs=1e-4)
+
+
+def test_perplexity_memories_are_retrieved_with_the_text_before_each_chunk(cfg, params, source):
+  # Held-out perplexity retrieves as generation does: chunk c's memories with the
+  # tokens before chunk c, never with the tokens it scores.
+  tok = WordTokenizer()
+  L, m = cfg.chunk_length, cfg.memories_per_chunk
+  retriever = RecordingRetriever(m)
+  retrieval = sched.MemoryRetrieval.for_model(cfg, retriever, source, tok.decode)
+  scorer = scoring.Scorer(cfg, params, tok, "explicit", retrieval=retrieval, batch_size=4)
+  seq = [100 + i for i in range(2 * L + 5)]  # 3 chunks of inputs (the last partial)
+  nll, n = scorer.sequence_nll([seq])
+  assert n == len(seq) - 1
+  (queries, filters), = retriever.calls
+  text = lambda a, b: tok.decode(seq[a:b])
+  assert queries == [text(0, 1), text(0, L), text(L, 2 * L)]
+  assert filters == [text(0, len(seq))] * 3
+  for c, q in enumerate(queries):  # chunk c scores targets seq[c*L + 1 : (c+1)*L + 1]
+    scored = set(seq[c * L + 1:(c + 1) * L + 1])
+    assert not scored & set(tok.encode(q))
+  ids = np.stack([np.array([(zlib.crc32(q.encode()) + 3 * j) % N_REFS for j in range(m)])
+                  for q in queries])
+  mem, mask = source.lookup(ids.reshape(-1))
+  mem = jnp.asarray(mem).reshape((1, 3, m) + cfg.memory_shape)
+  mask = jnp.asarray(mask).reshape((1, 3, m) + mask.shape[1:])
+  assert -nll == pytest.approx(_direct_logprob(cfg, params, seq, 1, mem, mask), abs=1e-3)
+
+
+def test_rag_perplexity_scores_each_chunk_after_references_its_predecessor_found(
+    cfg, params, store):
+  tok = WordTokenizer()
+  L = cfg.chunk_length
+  retriever = RecordingRetriever(2)
+  scorer = scoring.Scorer(cfg, params, tok, "rag", retriever=retriever, references=store,
+                          batch_size=4, rag_separator="")
+  seq = [cfg.bos_id] + [100 + i for i in range(L + 3)]  # two chunks of inputs
+  nll, n = scorer.sequence_nll([seq])
+  assert n == len(seq) - 1
+  (queries, _), = retriever.calls
+  assert queries == ["", tok.decode(seq[1:L])]  # chunk 0: nothing before it
+  # Chunk 0: the plain sequence (the fake retriever's ids for "" are used as the real
+  # retriever would not: an empty query retrieves nothing there). Check chunk 1 directly.
+  ids = np.array([(zlib.crc32(queries[1].encode()) + 3 * j) % N_REFS for j in range(2)])
+  toks, lens = store.tokens_by_ids(ids)
+  refs = toks[0, :lens[0]].tolist() + toks[1, :lens[1]].tolist()
+  ids0 = np.array([(zlib.crc32(b"") + 3 * j) % N_REFS for j in range(2)])
+  t0, l0 = store.tokens_by_ids(ids0)
+  refs0 = t0[0, :l0[0]].tolist() + t0[1, :l0[1]].tolist()
+  ctx0 = [cfg.bos_id] + refs0 + seq[1:L + 1]
+  ctx1 = [cfg.bos_id] + refs + seq[1:]
+  want = (_direct_logprob(cfg, params, ctx0, 1 + len(refs0), with_prefix=False)
+          + _direct_logprob(cfg, params, ctx1, 1 + len(refs) + L, with_prefix=False))
+  assert -nll == pytest.approx(want, abs=1e-3)
 
 
 @pytest.mark.slow

@@ -398,3 +398,27 @@ def test_read_prompts_from_flags_text_and_jsonl(tmp_path):
     gen_lib.read_prompts(str(jl))
   with pytest.raises(ValueError, match="no prompts"):
     gen_lib.read_prompts(None, [])
+
+
+class _RecordingGenerator:
+  """Records how TextGenerator calls Generator.generate; returns empty completions."""
+
+  def __init__(self, config):
+    self.config, self.calls = config, []
+
+  def generate(self, prompts, **kw):
+    self.calls.append(kw)
+    n = len(prompts)
+    return gen_lib.GenerationOutput(np.zeros((n, 1), np.int32), np.zeros((n,), np.int32),
+                                    np.zeros((n,), bool), 0)
+
+
+@pytest.mark.parametrize("mode,with_prefix", [("none", True), ("none-noprefix", False)])
+def test_text_generation_without_memory_keeps_the_sink_prefix_in_mode_none(cfg, mode,
+                                                                           with_prefix):
+  fake = _RecordingGenerator(cfg)
+  tok = type("Tok", (), dict(encode=lambda self, t: [int(w) for w in t.split()],
+                             decode=lambda self, ids: " ".join(map(str, ids))))()
+  gen_lib.TextGenerator(fake, tok, mode).complete(["10 11"], max_new_tokens=2)
+  assert fake.calls[0]["with_prefix"] is with_prefix and fake.calls[0]["memory"] is None
+  assert gen_lib.uses_reference_prefix(mode) is with_prefix

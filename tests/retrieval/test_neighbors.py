@@ -276,3 +276,12 @@ def test_model_embedder_index_and_mining(tiny_prepared, tmp_path):
                   progress_every_s=None)
   table = nt.open_neighbor_table(cfg, workspace.data_root(cfg, str(workdir)), path=out)
   assert (table.rows(0, len(table)) >= 0).mean() > 0.9
+
+
+def test_preceding_neighbors_give_chunk_c_the_neighbor_of_chunk_c_minus_1():
+  # Held-out loss with memory never reads a reference found by the chunk's own text.
+  table = [np.array([7, 8, 9], np.int32), np.array([[1, 2], [3, 4], [5, 6]], np.int32)]
+  view = nt.PrecedingNeighbors(table)
+  assert len(view) == 2
+  np.testing.assert_array_equal(view[0], [-1, 7, 8])
+  np.testing.assert_array_equal(view[1], [[-1, -1], [1, 2], [3, 4]])

@@ -129,3 +129,21 @@ def test_step_is_deterministic(setup):
   a = step(s0, batch)[1]["loss"]
   b = step(s0, batch)[1]["loss"]
   assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+@pytest.mark.slow
+def test_no_memory_eval_of_a_memory_model_keeps_the_sink_prefix(setup):
+  # A continual model is evaluated without memory as it was trained: the `<s>Reference:`
+  # prefix kept, every memory masked (m3jax.training.loop.compile_steps).
+  mc, params = setup[:2]
+  batch = _batch(mc, b=2)
+  targets = jnp.concatenate([batch["tokens"][:, 1:], batch["next_token"][:, None]], 1)
+  model = model_lib.Transformer(mc)
+  for with_prefix in (True, False):
+    out = ts.make_eval_step(mc, use_memory=False, with_prefix=with_prefix)(params, batch)
+    logits = model.apply({"params": params}, batch["tokens"], with_prefix=with_prefix)
+    np.testing.assert_allclose(out["loss_sum"], ts.token_losses(logits, targets).sum(),
+                               rtol=1e-5)
+  with_sink = ts.make_eval_step(mc, use_memory=False, with_prefix=True)(params, batch)
+  plain = ts.make_eval_step(mc, use_memory=False)(params, batch)
+  assert float(with_sink["loss_sum"]) != pytest.approx(float(plain["loss_sum"]), rel=1e-4)
