@@ -157,7 +157,9 @@ def format_plan(plan: StepPlan) -> str:
   if plan.compiled_flops:
     lines.append(f"FLOPs per chip per step: {plan.compiled_flops:.3e} compiled, "
                  f"{plan.model_flops:.3e} model -> MFU ceiling {ceiling:.0%}" +
-                 (" (accumulation loop counted grad_accum times)" if plan.grad_accum > 1 else ""))
+                 (" (accumulation loop counted grad_accum times)" if plan.grad_accum > 1 else "") +
+                 (" (over 100%: XLA counts a loop body once, e.g. blockwise attention's, so the "
+                  "compiled count is short)" if ceiling > 1 else ""))
   else:
     lines.append(f"FLOPs per chip per step: {plan.model_flops:.3e} model (no compiled count)")
   if bound:

@@ -124,3 +124,8 @@ def test_unknown_device_memory_gives_no_verdict():
 def test_grad_accum_plan_says_how_flops_were_counted():
   plan = dataclasses.replace(_plan(), grad_accum=4, batch_size=16)
   assert "counted grad_accum times" in report.format_plan(plan)
+
+
+def test_ceiling_over_one_says_why():
+  assert "XLA counts a loop body once" in report.format_plan(_plan(compiled_flops=0.9e14))
+  assert "loop body once" not in report.format_plan(_plan())
