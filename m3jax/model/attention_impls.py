@@ -21,7 +21,7 @@ from typing import Sequence
 
 import jax
 
-from m3jax.core.config import ATTENTION_IMPLS, ModelConfig
+from m3jax.core.config import ATTENTION_IMPLS, ConfigError, ModelConfig
 from m3jax.model import attention as attn_lib
 from m3jax.model.attention_blockwise import attend_blockwise
 from m3jax.model.attention_fused import attend_cudnn, attend_pallas_tpu
@@ -40,12 +40,13 @@ def resolve(impl: str, backend: str | None = None, dtype: str = "bfloat16") -> s
   and test sequences, where the [T, T] logits are small and every CPU figure in the
   README came from it; choose blockwise for long sequences on CPU). A model compiled
   ahead of time for another platform should name its implementation.
-  Raises ValueError naming `model.attention_impl` and the choices when `impl` is unknown
-  or needs a backend (or dtype) this process does not have.
+  Raises ConfigError (a ValueError, and a user error on the command line) naming
+  `model.attention_impl` and the choices when `impl` is unknown or needs a backend
+  (or dtype) this process does not have.
   """
   backend = backend or jax.default_backend()
   if impl not in ATTENTION_IMPLS:
-    raise ValueError(f"model.attention_impl={impl!r} is unknown; choose one of "
+    raise ConfigError(f"model.attention_impl={impl!r} is unknown; choose one of "
                      f"{', '.join(ATTENTION_IMPLS)}")
   if impl == "auto":
     if backend == "tpu":
@@ -56,10 +57,10 @@ def resolve(impl: str, backend: str | None = None, dtype: str = "bfloat16") -> s
   need = _NEEDS_BACKEND.get(impl)
   if need is not None and backend != need:
     usable = [i for i in ATTENTION_IMPLS if _NEEDS_BACKEND.get(i, backend) == backend]
-    raise ValueError(f"model.attention_impl={impl!r} needs a {need.upper()} backend but JAX's "
+    raise ConfigError(f"model.attention_impl={impl!r} needs a {need.upper()} backend but JAX's "
                      f"backend is {backend!r}; choose one of {', '.join(usable)}")
   if impl == "cudnn" and dtype not in _HALF:
-    raise ValueError(f"model.attention_impl='cudnn' needs model.dtype bfloat16 or float16 "
+    raise ConfigError(f"model.attention_impl='cudnn' needs model.dtype bfloat16 or float16 "
                      f"(got {dtype!r}); choose blockwise for float32")
   return impl
 
