@@ -1,6 +1,7 @@
 """Chat data for post-training: the record format, the template, packing.
 
-A chat record is a JSON line with a `messages` list of `{"role", "content"}`
+A chat record is a JSON line (or a row of a Hugging Face dataset: a `save_to_disk`
+directory or parquet / arrow files) with a `messages` list of `{"role", "content"}`
 (roles `system`, `user`, `assistant`), the common convention. A preference record
 (DPO) has `prompt` (a messages list, or a string = one user turn), `chosen` and
 `rejected` (an assistant reply: a string or a `{"role": "assistant", "content"}`
@@ -31,6 +32,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from data_pipeline import hf_corpus
 from m3jax.core.errors import InputError
 
 ROLES = ("system", "user", "assistant")
@@ -107,9 +109,8 @@ class PreferencePair:
   rejected: Message
 
 
-def parse_chat_record(line: str, where: str) -> list[Message]:
-  """One JSONL line of a chat file -> its messages (ChatFormatError names `where`)."""
-  rec = parse_json_object(line, where)
+def parse_chat_record(rec: dict[str, Any], where: str) -> list[Message]:
+  """One chat record -> its messages (ChatFormatError names `where`)."""
   if "messages" not in rec:
     raise ChatFormatError(f"{where}: no `messages` field")
   msgs = parse_messages(rec["messages"], where)
@@ -118,9 +119,8 @@ def parse_chat_record(line: str, where: str) -> list[Message]:
   return msgs
 
 
-def parse_preference_record(line: str, where: str) -> PreferencePair:
-  """One JSONL line of a preference file -> (prompt, chosen, rejected)."""
-  rec = parse_json_object(line, where)
+def parse_preference_record(rec: dict[str, Any], where: str) -> PreferencePair:
+  """One preference record -> (prompt, chosen, rejected)."""
   for k in ("prompt", "chosen", "rejected"):
     if k not in rec:
       raise ChatFormatError(f"{where}: no `{k}` field (a preference record has prompt, "
@@ -177,8 +177,8 @@ def read_chats(paths: Sequence[str], *, max_rounds: int = 0
   """All chats of `paths`, dropping those over `max_rounds` rounds (0 = keep all)."""
   stats, chats = ReadStats(), []
   for path in paths:
-    for where, line in iter_jsonl(path):
-      msgs = parse_chat_record(line, where)
+    for where, rec in iter_records(path, "messages"):
+      msgs = parse_chat_record(rec, where)
       stats.records += 1
       if max_rounds and count_rounds(msgs) > max_rounds:
         stats.dropped_over_max_rounds += 1
@@ -189,8 +189,23 @@ def read_chats(paths: Sequence[str], *, max_rounds: int = 0
 
 
 def read_preferences(paths: Sequence[str]) -> list[PreferencePair]:
-  return [parse_preference_record(line, where)
-          for path in paths for where, line in iter_jsonl(path)]
+  return [parse_preference_record(rec, where)
+          for path in paths for where, rec in iter_records(path, "prompt")]
+
+
+def iter_records(path: str, field: str) -> Iterator[tuple[str, dict[str, Any]]]:
+  """(where, record) of a `.jsonl` file (where = file and line), or of a Hugging Face
+  dataset: a `save_to_disk` directory or `.parquet` / `.arrow` files (where = row),
+  read through the corpus pipeline's `data_pipeline.hf_corpus`; `field` is a column
+  the records must have."""
+  if path.endswith(".jsonl"):
+    for where, line in iter_jsonl(path):
+      yield where, parse_json_object(line, where)
+    return
+  spec = dict(what=path, source=hf_corpus.resolve(path, path), split="train",
+              streaming=False, text_field=field)
+  for i, row in enumerate(hf_corpus.open_dataset(spec)):
+    yield f"{path}: row {i}", dict(row)
 
 
 def read_chat_prompts(path: str | None, inline: Sequence[str] = ()) -> list[list[Message]]:

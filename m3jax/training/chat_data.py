@@ -135,7 +135,16 @@ def chunk_retriever(cfg: Any, root: str, tok: Any, template: chat.ChatTemplate,
 
 
 def _file_info(paths: list[str]) -> list[dict[str, Any]]:
-  return [dict(path=os.path.abspath(p), sha256=artifacts.sha256_file(p)) for p in paths]
+  """What identifies the inputs: each file's sha256; a dataset directory's files and sizes."""
+  out = []
+  for p in paths:
+    if os.path.isdir(p):
+      files = sorted((os.path.relpath(os.path.join(r, n), p), os.path.getsize(os.path.join(r, n)))
+                     for r, _, names in os.walk(p) for n in names)
+      out.append(dict(path=os.path.abspath(p), files=files))
+    else:
+      out.append(dict(path=os.path.abspath(p), sha256=artifacts.sha256_file(p)))
+  return out
 
 
 def _chat_records(cfg: Any, template: chat.ChatTemplate, retriever: ChunkRetriever

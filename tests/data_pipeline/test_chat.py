@@ -130,3 +130,20 @@ def test_preference_pairs_render_prompt_plus_reply(tok, tmp_path):
   bad.write_text(json.dumps({"prompt": "q", "chosen": "a"}) + "\n")
   with pytest.raises(chat.ChatFormatError, match="line 1: no `rejected` field"):
     chat.read_preferences([str(bad)])
+
+
+def test_chats_and_pairs_from_a_hugging_face_dataset(tmp_path):
+  datasets = pytest.importorskip("datasets", reason="the `hf` extra (datasets) is not installed")
+  rows = [{"messages": [{"role": "user", "content": f"q{i}"},
+                        {"role": "assistant", "content": f"a{i}"}]} for i in range(3)]
+  datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "chats"))
+  chats, stats = chat.read_chats([str(tmp_path / "chats")])
+  assert [c[1].content for c in chats] == ["a0", "a1", "a2"] and stats.kept == 3
+  pairs = [{"prompt": "q", "chosen": "yes", "rejected": "no"}]
+  datasets.Dataset.from_list(pairs).to_parquet(str(tmp_path / "pairs.parquet"))
+  (pair,) = chat.read_preferences([str(tmp_path / "pairs.parquet")])
+  assert (pair.prompt[0].content, pair.chosen.content, pair.rejected.content) == ("q", "yes", "no")
+  bad = [{"messages": [{"role": "bot", "content": "x"}]}]
+  datasets.Dataset.from_list(bad).save_to_disk(str(tmp_path / "bad"))
+  with pytest.raises(chat.ChatFormatError, match=r"bad: row 0: `messages\[0\].role` is 'bot'"):
+    chat.read_chats([str(tmp_path / "bad")])
