@@ -32,11 +32,12 @@ from data_pipeline import corpus as corpus_lib
 from data_pipeline import references as references_lib
 from data_pipeline.tokenizer import Tokenizer
 from m3jax.core import artifacts
+from m3jax.core.errors import InputError
 
 FIELDS = ("ids", "tokens", "lengths", "doc_ids", "doc_keys", "pieces", "texts", "deleted")
 
 
-class ReferenceEditError(ValueError):
+class ReferenceEditError(InputError):
   """An edit that cannot be applied; the message names the input and the reference."""
 
 

@@ -21,10 +21,7 @@ from absl import flags
 
 from m3jax import cli
 from m3jax import commands
-from m3jax.core import config as config_lib
-from m3jax.memory import bank_format
 from m3jax.memory import edit_job
-from m3jax.retrieval.index import IndexDirError
 
 _BANK = flags.DEFINE_string("bank", None, "The memory bank to edit (encode-memory's --out).")
 _ADD = flags.DEFINE_string("add", None, 'JSONL of new documents: {"text": ...} per line.')
@@ -46,14 +43,9 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("--bank is required")
   if not (_ADD.value or _REPLACE.value or _DELETE.value):
     raise app.UsageError("give at least one of --add, --replace, --delete")
-  try:
-    edit_job.run(_BANK.value, add=_ADD.value, replace=_REPLACE.value, delete=_DELETE.value,
-                 checkpoint=_CHECKPOINT.value, data_dir=_DATA_DIR.value,
-                 index_dir=_INDEX.value, keep_previous=_KEEP_PREVIOUS.value)
-  except (config_lib.ConfigError, bank_format.BankError, IndexDirError, FileNotFoundError,
-          ValueError) as e:
-    print(f"m3jax bank update: error: {e}", file=sys.stderr)
-    sys.exit(1)
+  edit_job.run(_BANK.value, add=_ADD.value, replace=_REPLACE.value, delete=_DELETE.value,
+               checkpoint=_CHECKPOINT.value, data_dir=_DATA_DIR.value,
+               index_dir=_INDEX.value, keep_previous=_KEEP_PREVIOUS.value)
 
 
 if __name__ == "__main__":

@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import sys
 
-from absl import app
 from absl import flags
 
 from m3jax import cli
 from m3jax import commands
-from m3jax.core import config as config_lib
 from m3jax.demo import edit as edit_demo
-from m3jax.memory import bank_format
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A finished demo workdir (a copy).")
 _PEOPLE = flags.DEFINE_integer("people", 100, "Unseen people whose attribute changes.")
@@ -35,14 +32,9 @@ _BATCH = flags.DEFINE_integer("batch_size", 32, "Generation batch size.")
 
 def main(argv: list[str]) -> None:
   commands.check_args(argv, workdir=_WORKDIR)
-  try:
-    edit_demo.run_edit_demo(_WORKDIR.value, people=_PEOPLE.value,
-                            attribute=_ATTRIBUTE.value, eval_limit=_EVAL_LIMIT.value,
-                            batch_size=_BATCH.value)
-  except (config_lib.ConfigError, bank_format.BankError, RuntimeError, FileNotFoundError,
-          ValueError) as e:
-    print(f"m3jax demo-edit: error: {e}", file=sys.stderr)
-    sys.exit(1)
+  edit_demo.run_edit_demo(_WORKDIR.value, people=_PEOPLE.value,
+                          attribute=_ATTRIBUTE.value, eval_limit=_EVAL_LIMIT.value,
+                          batch_size=_BATCH.value)
 
 
 if __name__ == "__main__":

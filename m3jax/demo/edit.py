@@ -37,6 +37,7 @@ from data_pipeline import prepared
 from m3jax.core import artifacts
 from m3jax.core import workspace
 from m3jax.core.config import config_from_json
+from m3jax.core.errors import InputError
 from m3jax.evaluation import tasks as eval_tasks
 from m3jax.evaluation.text_metrics import exact_match
 from m3jax.inference import generate as gen_lib
@@ -69,7 +70,7 @@ def plan_edit(cfg: Any, refs: Any, people: int, attribute: str = "birth_city"
               ) -> tuple[list[dict[str, Any]], dict[int, str]]:
   """The edited people (name, old and new value, ref_id) and the replacements {ref_id: text}."""
   if attribute not in EDITABLE:
-    raise ValueError(f"--attribute={attribute!r}: one of {EDITABLE}")
+    raise InputError(f"--attribute={attribute!r}: one of {EDITABLE}")
   world = kw_lib.generate(cfg.data.knowledge_world)
   one_ref = _sentence_refs(refs)
   values = kw_lib.value_lists()[attribute]
@@ -90,7 +91,7 @@ def plan_edit(cfg: Any, refs: Any, people: int, attribute: str = "birth_city"
         name=e.name, **{**e.attributes, attribute: new})
     chosen.append(dict(entity_id=e.id, name=e.name, old=old, new=new, ref_id=one_ref[doc]))
   if len(chosen) < people:
-    raise RuntimeError(f"only {len(chosen)} unseen people have a one-reference sentence "
+    raise InputError(f"only {len(chosen)} unseen people have a one-reference sentence "
                        f"stating their {attribute}")
   return chosen, replace
 
@@ -141,7 +142,7 @@ def run_edit_demo(workdir: str, *, people: int = 100, attribute: str = "birth_ci
   workdir = os.path.abspath(workdir)
   bank = workspace.bank_dir(workdir)
   if bank_edits.version(bank_edits.read_meta(bank)):
-    raise RuntimeError(f"{bank} is already edited; run demo-edit on a fresh copy of the demo "
+    raise InputError(f"{bank} is already edited; run demo-edit on a fresh copy of the demo "
                        "workdir")
   cfg = config_from_json(os.path.join(workdir, "continual", "config.json"))
   root = os.path.join(workdir, "data")  # a copied workdir's own data (the config may name
