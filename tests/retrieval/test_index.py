@@ -10,18 +10,9 @@ from m3jax.retrieval import index as ix
 from m3jax.retrieval.lexical_embedder import LexicalEmbedder
 from m3jax.retrieval.index import IndexDirError, IndexSettings
 from m3jax.retrieval.sharded_index import ShardedIndex
+from support import clustered
 
 
-def _clustered(n, n_queries, dim=32, n_clusters=60, seed=0):
-  """Database and queries drawn around the same centres (iid data makes recall meaningless)."""
-  rng = np.random.default_rng(seed)
-  centres = rng.normal(size=(n_clusters, dim))
-
-  def draw(m):
-    x = centres[rng.integers(0, n_clusters, m)] + 0.35 * rng.normal(size=(m, dim))
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-
-  return draw(n), draw(n_queries)
 
 
 TREE = IndexSettings(brute_force_below=1000)
@@ -29,7 +20,7 @@ TREE = IndexSettings(brute_force_below=1000)
 
 @pytest.fixture(scope="module")
 def data():
-  return _clustered(6000, 200)
+  return clustered(6000, 200)
 
 
 @pytest.fixture(scope="module")

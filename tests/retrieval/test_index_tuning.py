@@ -6,6 +6,7 @@ import pytest
 from m3jax.retrieval import index as ix
 from m3jax.retrieval import index_tuning as tuning
 from m3jax.retrieval.index import IndexSettings
+from support import clustered
 
 
 def test_recall_at_k_counts_overlap_per_row_and_ignores_missing_ids():
@@ -82,19 +83,10 @@ def test_reorder_is_at_least_k():
   assert min(seen) == 25
 
 
-def _clustered(n, n_queries, dim=32, n_clusters=60, seed=0):
-  rng = np.random.default_rng(seed)
-  centres = rng.normal(size=(n_clusters, dim))
-
-  def draw(m):
-    x = centres[rng.integers(0, n_clusters, m)] + 0.35 * rng.normal(size=(m, dim))
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-
-  return draw(n), draw(n_queries)
 
 
 def test_tuned_index_meets_the_target_on_new_queries():
-  x, q = _clustered(8000, 400)
+  x, q = clustered(8000, 400)
   settings = IndexSettings(brute_force_below=1000, target_recall=0.96, tune_queries=400)
   index = ix.build_index(x, fingerprint="fp", settings=settings)
   s = index.settings
@@ -120,7 +112,7 @@ def test_leave_out_drops_each_rows_own_id():
 
 
 def test_brute_force_indexes_are_not_tuned():
-  x, _ = _clustered(500, 1)
+  x, _ = clustered(500, 1)
   index = ix.build_index(x, fingerprint="fp")
   assert index.settings["mode"] == "brute_force" and "tuning" not in index.settings
   with pytest.raises(ValueError, match="brute-force"):
