@@ -149,6 +149,11 @@ def get_config() -> ml_collections.ConfigDict:
   t.stage = "warmup"  # warmup | continual | sft | dpo
   t.use_memory = False  # True for continual; True in warmup = from-scratch ablation
   t.init_from = ""  # warmup checkpoint dir for the continual stage
+  # Continual stage: "memory" reads the references as explicit memories; "rag" trains the
+  # text-RAG competitor on the same data, the references' text in front of each sequence
+  # (m3jax/training/rag_reader.py); rag_separator joins them, as at evaluation.
+  t.reader = "memory"
+  t.rag_separator = "\n"
   t.steps = 1000
   t.lr = 3e-4
   t.min_lr_ratio = 0.1

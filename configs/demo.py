@@ -57,7 +57,7 @@ def get_config():
   d.eval_fraction = 0.05
   d.knowledge_world = dict(seed=0, n_seen=100, n_memory_taught=3000, n_unseen=200,
                            paraphrases_seen=2, qa_per_entity=6, eval_questions_per_entity=2,
-                           n_distractors=9)
+                           n_distractors=9, qa_by_person=0)
   t = c.train
   t.lr = 2e-3
   t.b2 = 0.99

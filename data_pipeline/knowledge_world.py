@@ -20,7 +20,11 @@ Splits:
   and, per seen / memory_taught person, one QA document per trained attribute (its
   phrasings; one phrasing is ~22 tokens, so with `qa_per_entity` <= the number of
   trained attributes a document fits one 32-token chunk and the chunk's retrieved
-  reference can be the one sentence that answers it), shuffled;
+  reference can be the one sentence that answers it), shuffled. With `qa_by_person`
+  = 1 a person's QA documents stay together (people and biographies shuffled), so
+  the chunks of a multi-chunk training sequence mostly concern one person and the
+  references of its earlier chunks (the paper's training window, c-4..c) are that
+  person's sentences, not other people's;
 * knowledge base: per person, `KB_SENTENCES` filled in, each sentence naming the
   person and stored as its own document, so one reference (~10-25 tokens): a
   question retrieves its sentence by the name and the attribute's words, and the
@@ -184,7 +188,8 @@ ANSWER_LEADS: dict[str, str] = {
 }
 
 DEFAULTS = dict(seed=0, n_seen=600, n_memory_taught=600, n_unseen=300, paraphrases_seen=4,
-                qa_per_entity=6, eval_questions_per_entity=2, n_distractors=9)
+                qa_per_entity=6, eval_questions_per_entity=2, n_distractors=9,
+                qa_by_person=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,6 +341,7 @@ def generate(cfg: Any = None) -> World:
     entities.append(Entity(i, names[i], str(groups[i]), pronouns, attrs))
 
   train_docs: list[Document] = []
+  blocks: list[int] = []  # train_docs[i] belongs to block blocks[i] (qa_by_person)
   train_qs: list[Question] = []
   eval_qs: list[Question] = []
   for e in entities:
@@ -351,6 +357,7 @@ def generate(cfg: Any = None) -> World:
       templates = 1 + rng.permutation(len(BIOGRAPHY_TEMPLATES) - 1)[:s["paraphrases_seen"]]
       for t in sorted(templates.tolist()):
         train_docs.append(Document(biography(e, t), f"knowledge_world/biography/e{e.id}/t{t}"))
+        blocks.append(len(train_docs))  # a biography is a block of its own
     # Training QA: each kept attribute once (random phrasing), then further phrasings.
     pairs = []
     for rnd in range(3):
@@ -367,13 +374,33 @@ def generate(cfg: Any = None) -> World:
       lines = [q.text for q in qs if q.attribute == attr]
       if lines:
         train_docs.append(Document("\n".join(lines), f"knowledge_world/qa/e{e.id}/{attr}"))
+        blocks.append(-1 - e.id)  # one block per person's QA
   perm = rng.permutation(len(train_docs))
-  train_docs = [train_docs[i] for i in perm.tolist()]
+  if s["qa_by_person"]:
+    train_docs = _shuffle_blocks(train_docs, blocks, perm)
+  else:
+    train_docs = [train_docs[i] for i in perm.tolist()]
   kb_docs = [Document(text, f"knowledge_world/kb/e{e.id}/s{j}")
              for e in entities for j, text in enumerate(kb_sentences(e))]
   return World(settings=s, entities=tuple(entities), train_documents=tuple(train_docs),
                kb_documents=tuple(kb_docs), train_questions=tuple(train_qs),
                eval_questions=tuple(eval_qs))
+
+
+def _shuffle_blocks(docs: list[Document], blocks: list[int], perm: np.ndarray
+                    ) -> list[Document]:
+  """Documents ordered block by block, blocks in the order of their first document in
+  `perm` (a block's documents keep their own order)."""
+  members: dict[int, list[int]] = {}
+  for i, b in enumerate(blocks):
+    members.setdefault(b, []).append(i)
+  order: list[int] = []
+  done: set[int] = set()
+  for i in perm.tolist():
+    if blocks[i] not in done:
+      done.add(blocks[i])
+      order.extend(members[blocks[i]])
+  return [docs[i] for i in order]
 
 
 def _question(rng: np.random.Generator, e: Entity, attr: str,

@@ -183,13 +183,16 @@ class Loader:
     shard_options: explicit grain ShardOptions: read row shard `shard_index` of
       `shard_count` of every global batch (overrides what the sharding implies).
     neighbors, references: enable `AddReferences` (both or neither).
+    transforms: grain MapTransforms applied to each record after those (e.g. the RAG
+      reader's contexts, m3jax.training.rag_reader).
     worker_count: grain worker processes (0 = in-process; >0 needs a __main__ guard).
   """
 
   def __init__(self, source: Any, *, global_batch_size: int, seed: int = 0, shuffle: bool = True,
                num_epochs: int | None = None, sharding: Any = None,
                shard_options: grain.ShardOptions | None = None, neighbors: Any = None,
-               references: Any = None, worker_count: int = 0, read_threads: int = 4):
+               references: Any = None, worker_count: int = 0, read_threads: int = 4,
+               transforms: Any = ()):
     if (neighbors is None) != (references is None):
       raise ValueError("give both a neighbor table and a ReferenceStore, or neither")
     self.source = source
@@ -227,6 +230,7 @@ class Loader:
     ops: list[Any] = [AddTargets(self.pad_id)]
     if self.with_references:
       ops.append(AddReferences(neighbors, references, self.n_chunks))
+    ops.extend(transforms)
     self._ops = ops
 
     order = grain.MapDataset.range(n)
@@ -352,7 +356,8 @@ def packed_source(root: str, split: str = "train") -> PackedSource:
 
 def make_loader(cfg: Any, root: str, *, split: str = "train", sharding: Any = None,
                 neighbors: Any = None, references: Any = None,
-                num_epochs: int | None = None, shuffle: bool | None = None) -> Loader:
+                num_epochs: int | None = None, shuffle: bool | None = None,
+                transforms: Any = ()) -> Loader:
   """A Loader from the config: data.batch_size, seed, data.shuffle, data.worker_count.
 
   Training: split="train", num_epochs=None. Eval loss: split="validation",
@@ -365,4 +370,5 @@ def make_loader(cfg: Any, root: str, *, split: str = "train", sharding: Any = No
   return Loader(source, global_batch_size=cfg.data.batch_size, seed=cfg.seed,
                 shuffle=cfg.data.shuffle if shuffle is None else shuffle,
                 num_epochs=num_epochs, sharding=sharding, neighbors=neighbors,
-                references=references, worker_count=cfg.data.worker_count)
+                references=references, worker_count=cfg.data.worker_count,
+                transforms=transforms)

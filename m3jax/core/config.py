@@ -193,6 +193,10 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(t.schedule in ("wsd", "cosine", "constant"), "train.schedule",
              f"must be wsd, cosine or constant, got {t.schedule!r}")
     _require(t.steps > 0, "train.steps", "must be positive")
+    reader = t.get("reader", "memory")
+    _require(reader in ("memory", "rag"), "train.reader", f"must be memory or rag, got {reader!r}")
+    _require(reader == "memory" or t.stage == "continual", "train.reader",
+             f"'rag' trains the continual stage's text-RAG reader; train.stage is {t.stage!r}")
     _require(t.grad_accum >= 1, "train.grad_accum", "must be >= 1")
     _require(0.0 <= t.decay_fraction <= 1.0, "train.decay_fraction", "must be in [0, 1]")
   if "data" in cfg:

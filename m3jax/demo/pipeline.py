@@ -13,8 +13,14 @@ resume by themselves too):
                                                             validation}
   continual  m3jax.training.loop.train (stage continual, init_from = the warmup workdir)
                                                             <workdir>/continual
+  rag_reader the text-RAG competitor: the continual stage again from the same warmup
+             checkpoint, same data and steps, the references as text in front of each
+             sequence (train.reader = "rag", m3jax.training.rag_reader)
+                                                            <workdir>/rag_reader
   encode     m3jax.memory.encode_job.run                    <workdir>/bank
-  eval       m3jax.evaluation.runner (kw_mc, kw_qa, perplexity in modes none/explicit/rag)
+  eval       m3jax.evaluation.runner (kw_mc, kw_qa, perplexity): none and explicit on the
+             continual checkpoint, rag on the rag_reader's (demo.rag_reader = False: on
+             the continual checkpoint, a reader never trained on references as text)
                                                             <workdir>/eval/results.json
   bench      m3jax.bench.decode.run (tokens/s of none/explicit/rag decoding)
                                                             <workdir>/bench_decode.json
@@ -64,9 +70,9 @@ from m3jax.retrieval import neighbors as nb_lib
 from m3jax.retrieval import reference_index
 from m3jax.training import loop as train_lib
 
-STAGES = ("prepare", "warmup", "index", "neighbors", "continual", "encode", "eval", "bench",
-          "summary")
-TRAIN_STAGES = ("warmup", "continual")  # each trains in <workdir>/<stage>
+STAGES = ("prepare", "warmup", "index", "neighbors", "continual", "rag_reader", "encode", "eval",
+          "bench", "summary")
+TRAIN_STAGES = ("warmup", "continual", "rag_reader")  # each trains in <workdir>/<stage>
 STAGES_DIR = "stages"
 SUMMARY_FILE = "summary.json"
 
@@ -74,6 +80,7 @@ SUMMARY_FILE = "summary.json"
 DEFAULTS = dict(
     warmup=dict(stage="warmup", use_memory=False),
     continual=dict(stage="continual", use_memory=True),
+    rag_reader=True,  # train the text-RAG competitor (demo.continual's settings, reader rag)
     eval_limit=0,  # knowledge-world questions per task (equal share per group); 0 = all
     eval_batch_size=32,
     eval_max_new_tokens=12,
@@ -83,7 +90,9 @@ DEFAULTS = dict(
     bench_prompt_len=128,
     bench_new_tokens=64,
     bench_runs=3,
-    targets=dict(explicit_unseen_mc=0.60, none_unseen_margin=0.05),
+    # unseen people: explicit memory >= 70%; no memory <= chance + 5 points; explicit
+    # within 5 points of the RAG reader or above it
+    targets=dict(explicit_unseen_mc=0.70, none_unseen_margin=0.05, rag_margin=0.05),
     posttrain={},  # SFT / DPO settings of `m3jax demo-posttrain` (m3jax/demo/posttrain.py)
 )
 
@@ -117,20 +126,25 @@ def _cfg_dict(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def stage_config(cfg: ml_collections.ConfigDict, workdir: str, stage: str
                  ) -> ml_collections.ConfigDict:
-  """The config a training stage runs with: `demo.<stage>` over `train`, shared data dir."""
+  """The config a training stage runs with: `demo.<stage>` over `train`, shared data dir.
+
+  `rag_reader` is the continual stage with `train.reader = "rag"`: the same settings,
+  starting point, data and steps."""
   s = demo_settings(cfg)
   out = ml_collections.ConfigDict(_cfg_dict(cfg))
   if "demo" in out:
     del out["demo"]
   out.data.workdir_data = workspace.data_root(cfg, workdir)
-  for k, v in s[stage].items():
+  train_stage = "continual" if stage == "rag_reader" else stage
+  for k, v in s[train_stage].items():
     if k not in out.train:
-      raise DemoError(f"config field `demo.{stage}.{k}`: not a train.* field")
+      raise DemoError(f"config field `demo.{train_stage}.{k}`: not a train.* field")
     out.train[k] = type(out.train[k])(v) if isinstance(out.train[k], float) else v
-  out.train.stage = stage
-  if stage == "continual":
+  out.train.stage = train_stage
+  if train_stage == "continual":
     out.train.use_memory = True
     out.train.init_from = os.path.join(os.path.abspath(workdir), "warmup")
+    out.train.reader = "rag" if stage == "rag_reader" else "memory"
   return config_lib.validate(out)
 
 
@@ -166,14 +180,51 @@ def _neighbor_stats(root: str, split: str) -> dict[str, Any]:
               chunks_with_neighbor=int((rows >= 0).sum()))
 
 
+def eval_checkpoints(workdir: str, s: dict[str, Any]) -> list[tuple[str, list[str]]]:
+  """(checkpoint workdir, modes read from it): explicit memory and its no-memory baseline
+  from the continual run; RAG from the RAG reader trained for it, when there is one."""
+  cont = os.path.join(workdir, "continual")
+  if not s["rag_reader"]:
+    return [(cont, list(MODES))]
+  return [(cont, [m for m in MODES if m != "rag"]), (os.path.join(workdir, "rag_reader"), ["rag"])]
+
+
 def _eval_stage(cfg: ml_collections.ConfigDict, workdir: str, s: dict[str, Any]
                 ) -> dict[str, Any]:
   root = workspace.data_root(cfg, workdir)
-  inf = inference.open_inference(os.path.join(workdir, "continual"), modes=list(MODES),
-                                 workdir=workdir, data_dir=root,
-                                 bank_dir=workspace.bank_dir(workdir), log=_say)
-  threshold = float(inf.cfg.data.eval_overlap_threshold)
-  inf.retriever = inf.retriever.with_threshold(threshold)
+  data = _eval_data(root, s)
+  results: dict[str, Any] = {}
+  paths, steps = {}, {}
+  for ckpt, modes in eval_checkpoints(workdir, s):
+    inf = inference.open_inference(ckpt, modes=modes, workdir=workdir, data_dir=root,
+                                   bank_dir=workspace.bank_dir(workdir), log=_say)
+    threshold = float(inf.cfg.data.eval_overlap_threshold)
+    inf.retriever = inf.retriever.with_threshold(threshold)
+    got = eval_runner.run_all(inf, data, modes, batch_size=int(s["eval_batch_size"]),
+                              max_new_tokens=int(s["eval_max_new_tokens"]), log=_say)
+    for task, by_mode in got.items():
+      results.setdefault(task, {}).update(by_mode)
+    for m in modes:
+      paths[m], steps[m] = inf.paths, inf.step
+    if hasattr(inf.memory_source, "close"):
+      inf.memory_source.close()
+  mc = data.get("kw_mc", [])
+  results_report = dict(checkpoint=paths["explicit"]["checkpoint"], step=steps["explicit"],
+                        paths=paths["explicit"], modes=list(MODES),
+                        checkpoints={m: p["checkpoint"] for m, p in paths.items()},
+                        rag_reader="trained" if s["rag_reader"] else "untrained",
+                        leakage_filter_threshold=threshold,
+                        items={k: len(v) for k, v in data.items()},
+                        items_per_group={g: sum(it.group == g for it in mc) for g in GROUPS},
+                        choices=len(mc[0].choices) if mc else 0, results=results)
+  out = report.eval_results_file(workdir)
+  _write_json(out, results_report)
+  _say("\n" + eval_runner.format_table(results))
+  return dict(path=out)
+
+
+def _eval_data(root: str, s: dict[str, Any]) -> dict[str, Any]:
+  """The eval stage's items per task (`demo.eval_tasks`, `eval_limit`, `perplexity_limit`)."""
   data: dict[str, Any] = {}
   limit = int(s["eval_limit"]) or None
   qa, mc = eval_tasks.load_knowledge_qa(root, limit)
@@ -186,19 +237,7 @@ def _eval_stage(cfg: ml_collections.ConfigDict, workdir: str, s: dict[str, Any]
       data[task] = eval_tasks.load_heldout_sequences(root, int(s["perplexity_limit"]) or None)
     else:
       raise DemoError(f"config field `demo.eval_tasks`: unknown task {task!r}")
-  results = eval_runner.run_all(inf, data, list(MODES), batch_size=int(s["eval_batch_size"]),
-                                max_new_tokens=int(s["eval_max_new_tokens"]), log=_say)
-  if hasattr(inf.memory_source, "close"):
-    inf.memory_source.close()
-  results_report = dict(checkpoint=inf.paths["checkpoint"], step=inf.step, paths=inf.paths,
-                modes=list(MODES), leakage_filter_threshold=threshold,
-                items={k: len(v) for k, v in data.items()},
-                items_per_group={g: sum(it.group == g for it in mc) for g in GROUPS},
-                choices=len(mc[0].choices) if mc else 0, results=results)
-  out = report.eval_results_file(workdir)
-  _write_json(out, results_report)
-  _say("\n" + eval_runner.format_table(results))
-  return dict(path=out)
+  return data
 
 
 def _bench_stage(cfg: ml_collections.ConfigDict, workdir: str, s: dict[str, Any]
@@ -254,13 +293,14 @@ def run_demo(cfg: ml_collections.ConfigDict, workdir: str, *,
   s = demo_settings(cfg)
   warm_cfg = stage_config(cfg, workdir, "warmup")
   cont_cfg = stage_config(cfg, workdir, "continual")
+  rag_cfg = stage_config(cfg, workdir, "rag_reader")
   cfg = ml_collections.ConfigDict(_cfg_dict(cfg))
   cfg.data.workdir_data = workspace.data_root(cfg, workdir)
   if "demo" in cfg:
     del cfg["demo"]
   config_lib.validate(cfg)
   root = workspace.data_root(cfg, workdir)
-  wdir, cdir = (os.path.join(workdir, stage) for stage in TRAIN_STAGES)
+  wdir, cdir, rdir = (os.path.join(workdir, stage) for stage in TRAIN_STAGES)
   bank_dir = workspace.bank_dir(workdir)
   index_dir = workspace.index_dir(cfg, workdir)
   runner = _Stages(workdir, log)
@@ -291,6 +331,10 @@ def run_demo(cfg: ml_collections.ConfigDict, workdir: str, *,
   runner.run("continual", _cfg_dict(cont_cfg), lambda: _train_stage(cont_cfg, cdir),
              lambda: _train_done(cont_cfg, cdir))
 
+  if s["rag_reader"]:
+    runner.run("rag_reader", _cfg_dict(rag_cfg), lambda: _train_stage(rag_cfg, rdir),
+               lambda: _train_done(rag_cfg, rdir))
+
   def encode_fn():
     ckpt_cfg, params, step = params_io.load_for_inference(cdir)
     encode_job.run(cont_cfg, checkpoint=cdir, checkpoint_config=ckpt_cfg, params=params,
@@ -300,7 +344,7 @@ def run_demo(cfg: ml_collections.ConfigDict, workdir: str, *,
   runner.run("encode", dict(model=full["model"], bank=full["bank"]), encode_fn,
              lambda: os.path.exists(os.path.join(bank_dir, bank_format.MANIFEST_FILE)))
   eval_settings = {k: s[k] for k in ("eval_limit", "eval_batch_size", "eval_max_new_tokens",
-                                     "eval_tasks", "perplexity_limit")}
+                                     "eval_tasks", "perplexity_limit", "rag_reader")}
   runner.run("eval", eval_settings, lambda: _eval_stage(cont_cfg, workdir, s),
              lambda: os.path.exists(report.eval_results_file(workdir)))
   bench_settings = dict(model=full["model"], bench={k: s[k] for k in s if k.startswith("bench")})

@@ -75,7 +75,8 @@ def build_summary(cfg: ml_collections.ConfigDict, workdir: str,
   tps = {m: _get(bench, "modes", m, "tokens_per_s") for m in MODES}
   bank = records["encode"]["result"]
   curves = {}
-  for stage in ("warmup", "continual"):
+  trained = [st for st in ("warmup", "continual", "rag_reader") if st in records]
+  for stage in trained:
     by_step: dict[int, dict[str, Any]] = {}
     for r in metrics_lib.read_jsonl(os.path.join(workdir, stage)):  # train and eval records
       by_step.setdefault(r["step"], {}).update(r)
@@ -93,6 +94,8 @@ def build_summary(cfg: ml_collections.ConfigDict, workdir: str,
   mc_acc = qa.get("kw_mc", {})
   unseen_explicit = _get(mc_acc, "explicit", "unseen")
   unseen_none = _get(mc_acc, "none", "unseen")
+  unseen_rag = _get(mc_acc, "rag", "unseen")
+  rag_trained = ev.get("rag_reader") == "trained"
   verdict = dict(
       chance=chance,
       explicit_unseen_acc=unseen_explicit,
@@ -105,7 +108,15 @@ def build_summary(cfg: ml_collections.ConfigDict, workdir: str,
       none_unseen_limit=None if chance is None else chance + target["none_unseen_margin"],
       none_unseen_met=(unseen_none is not None and chance is not None
                        and unseen_none <= chance + target["none_unseen_margin"]),
+      rag_unseen_acc=unseen_rag, rag_reader_trained=rag_trained,
+      rag_margin=target["rag_margin"],
+      explicit_vs_rag_met=(unseen_explicit is not None and unseen_rag is not None
+                           and unseen_explicit >= unseen_rag - target["rag_margin"]),
   )
+  step_seconds = {}
+  for mode, stage in (("explicit", "continual"), ("rag", "rag_reader")):
+    if stage in records:
+      step_seconds[mode] = records[stage]["result"]["last"].get("train/step_time_s")
   return dict(
       config=cfg.get("name", ""), workdir=workdir,
       model=dict(params=costs.param_counts(mc).total,
@@ -117,8 +128,8 @@ def build_summary(cfg: ml_collections.ConfigDict, workdir: str,
               records.items()},
       qa_accuracy=qa, qa_items=ev.get("items_per_group"), qa_choices=n_choices,
       perplexity=perplexity, memory_coverage=coverage,
-      training=dict(warmup=records["warmup"]["result"]["last"],
-                    continual=records["continual"]["result"]["last"]),
+      training={st: records[st]["result"]["last"] for st in trained},
+      train_step_seconds=step_seconds, rag_reader="trained" if rag_trained else "untrained",
       neighbors=records["neighbors"]["result"],
       decode_tokens_per_s=tps,
       decode_ratios=dict(explicit_over_none=bench.get("explicit_over_none"),
@@ -145,7 +156,10 @@ def format_summary(sm: dict[str, Any]) -> str:
   for k, r in sm["stages"].items():
     lines.append(f"  {k:<10} {r['status']:<7} {r['seconds']:8.1f}s")
   lines += ["", "modes: none = the same checkpoint with its <s>Reference: sink prefix and every "
-            "memory masked;", "  held-out perplexity retrieves chunk c's memories (RAG: "
+            "memory masked;", "  rag = " + ("a reader trained for it (same warmup checkpoint, "
+            "data and steps, references as text)" if sm.get("rag_reader") == "trained" else
+            "the explicit-memory checkpoint reading references as text (never trained to)") + ";",
+            "  held-out perplexity retrieves chunk c's memories (RAG: "
             "references) with the text before chunk c"]
   for task, title in (("kw_mc", "knowledge QA, multiple choice (acc)"),
                       ("kw_qa", "knowledge QA, greedy answer (exact match)")):
@@ -157,6 +171,11 @@ def format_summary(sm: dict[str, Any]) -> str:
     lines.append(f"  {'entities':<15}" + "".join(f"{m:>10}" for m in MODES))
     for g in GROUPS + ("all",):
       lines.append(f"  {g:<15}" + "".join(f"{_pct(acc.get(m, {}).get(g)):>10}" for m in MODES))
+  steps = sm.get("train_step_seconds") or {}
+  if steps.get("explicit") and steps.get("rag"):
+    lines.append(f"\ntraining step (continual stage, same sequences): explicit memory "
+                 f"{steps['explicit']:.3f} s, RAG reader {steps['rag']:.3f} s "
+                 f"({steps['rag'] / steps['explicit']:.2f}x)")
   ppl = sm["perplexity"]
   lines += ["", "held-out perplexity: " + "  ".join(
       f"{m} {'-' if ppl.get(m) is None else f'{ppl[m]:.2f}'}" for m in MODES)]
@@ -190,6 +209,11 @@ def format_summary(sm: dict[str, Any]) -> str:
   lines.append(f"  unseen entities, no memory: {_pct(t['none_unseen_acc'])} "
                f"(limit chance + 5 = {_pct(t['none_unseen_limit'])}): "
                + ("MET" if t["none_unseen_met"] else "MISSED"))
+  if t.get("rag_unseen_acc") is not None:
+    lines.append(f"  unseen entities, explicit vs {'trained ' if t['rag_reader_trained'] else ''}"
+                 f"RAG: {_pct(t['explicit_unseen_acc'])} vs {_pct(t['rag_unseen_acc'])} "
+                 f"(explicit >= RAG - {100 * t['rag_margin']:.0f} points): "
+                 + ("MET" if t["explicit_vs_rag_met"] else "MISSED"))
   if "total_seconds" in sm:
     lines.append(f"\ntotal wall time: {sm['total_seconds']:.1f}s")
   return "\n".join(lines)
@@ -211,6 +235,9 @@ def write_plots(workdir: str, sm: dict[str, Any]) -> None:
       mem = [np.nan if v is None else v for v in c["eval_memory_loss"]]
       if not all(math.isnan(v) for v in mem):
         ax.plot(c["eval_steps"], mem, "s-", label="held-out, memory of preceding chunks")
+    if stage == "continual" and "rag_reader" in sm["curves"]:
+      r = sm["curves"]["rag_reader"]
+      ax.plot(r["step"], r["train_loss"], alpha=0.7, label="RAG reader, train loss")
     ax.set_title(f"{stage} stage")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")

@@ -39,10 +39,12 @@ from m3jax.model import params_io
 from m3jax.model import sharding as sharding_lib
 from m3jax.model.transformer import Transformer
 from m3jax.retrieval import neighbor_table
+from m3jax.retrieval import rag as rag_lib
 from m3jax.training import chat_data
 from m3jax.training import checkpoint as ckpt_lib
 from m3jax.training import dpo as dpo_lib
 from m3jax.training import optim
+from m3jax.training import rag_reader
 from m3jax.training import step as step_lib
 from m3jax.training.preemption import PreemptionGuard
 
@@ -71,11 +73,18 @@ POST_STAGES = ("sft", "dpo")  # post-training on chat data (m3jax.training.chat_
 
 
 def uses_memory(cfg: ml_collections.ConfigDict) -> bool:
-  """Continual training always reads memory; warmup only in the from-scratch ablation;
-  post-training unless `train.chat_memory` is off."""
+  """Continual training reads memory (unless it trains the text-RAG reader); warmup only
+  in the from-scratch ablation; post-training unless `train.chat_memory` is off."""
   if cfg.train.stage in POST_STAGES:
     return bool(cfg.train.chat_memory)
+  if is_rag_reader(cfg):
+    return False
   return cfg.train.stage == "continual" or bool(cfg.train.use_memory)
+
+
+def is_rag_reader(cfg: ml_collections.ConfigDict) -> bool:
+  """`train.reader = "rag"`: the continual stage's text-RAG competitor (rag_reader.py)."""
+  return cfg.train.get("reader", "memory") == "rag"
 
 
 def state_class(cfg: ml_collections.ConfigDict) -> type:
@@ -168,7 +177,7 @@ def compile_steps(ctx: RunContext) -> tuple[Callable, Callable, Callable | None]
                                           with_prefix=ctx.use_memory),
                   in_shardings=(params_sh, ctx.batch_sharding))
   with_mem = None
-  if ctx.model_config.n_memory_layers:
+  if ctx.model_config.n_memory_layers and not is_rag_reader(ctx.cfg):
     with_mem = jax.jit(step_lib.make_eval_step(ctx.model_config, use_memory=True),
                        in_shardings=(params_sh, ctx.batch_sharding))
   return train, plain, with_mem
@@ -204,7 +213,10 @@ def memory_inputs(cfg, root: str, split: str) -> tuple[Any, Any] | None:
 
 def missing_neighbors_message(cfg, root: str) -> str:
   """Why memory training cannot start without a neighbor table, and what to run."""
-  if cfg.train.stage == "continual":
+  if is_rag_reader(cfg):
+    why = "train.reader='rag' reads the references mined for each chunk"
+    instead = ""
+  elif cfg.train.stage == "continual":
     why = "train.stage='continual' trains with memory"
     instead = ""
   else:
@@ -241,13 +253,35 @@ def make_train_loader(ctx: RunContext, root: str):
   if ctx.cfg.train.stage in POST_STAGES:
     return post_training_loader(ctx, root, "train", shuffle=bool(ctx.cfg.data.shuffle))
   neighbors = references = None
-  if ctx.use_memory:
+  transforms = []
+  rag = is_rag_reader(ctx.cfg)
+  if ctx.use_memory or rag:
     inputs = memory_inputs(ctx.cfg, root, "train")
     if inputs is None:
       raise FileNotFoundError(missing_neighbors_message(ctx.cfg, root))
     neighbors, references = inputs
+  if rag:
+    transforms.append(rag_contexts(ctx.cfg, root))
   return loader_lib.make_loader(ctx.cfg, root, split="train", sharding=ctx.batch_sharding,
-                                neighbors=neighbors, references=references)
+                                neighbors=neighbors, references=references,
+                                transforms=transforms)
+
+
+def rag_contexts(cfg, root: str) -> rag_reader.RagContexts:
+  """The RAG reader's record builder for this config and data root."""
+  sep = rag_lib.encode_separator(prepared.open_tokenizer(root), str(cfg.train.rag_separator))
+  mc = config_lib.model_config(cfg)
+  length = rag_reader.context_length(mc.max_seq_len, mc.max_seq_len // mc.chunk_length,
+                                     mc.reference_length, len(sep))
+  return rag_reader.RagContexts(bos_id=mc.bos_id, pad_id=mc.pad_id, separator=sep,
+                                length=length)
+
+
+def tokens_per_step_of(cfg, root: str) -> int:
+  """Tokens one training step runs through the model (a RAG reader's whole contexts)."""
+  if is_rag_reader(cfg):
+    return cfg.data.batch_size * rag_contexts(cfg, root).length
+  return cfg.data.batch_size * cfg.model.max_seq_len
 
 
 def evaluate(ctx: RunContext, params: Any, root: str, eval_plain: Callable,
@@ -417,11 +451,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None
   flops_per_token = costs.train_flops_per_token(
       ctx.model_config, use_memory=ctx.use_memory,
       grad_through_references=bool(t.grad_through_references))
-  tokens_per_step = cfg.data.batch_size * cfg.model.max_seq_len
+  tokens_per_step = tokens_per_step_of(cfg, root)
   if t.stage == "dpo":  # a chosen and a rejected sequence per pair, and the reference's
     tokens_per_step *= 2  # forward pass (a third of a forward + backward) on both
     flops_per_token *= 4 / 3
-  _say(f"train: stage={t.stage} memory={'on' if ctx.use_memory else 'off'} mesh="
+  _say(f"train: stage={t.stage} memory={'on' if ctx.use_memory else 'off'}"
+       f"{' reader=rag (references as text)' if is_rag_reader(cfg) else ''} mesh="
        f"{dict(ctx.mesh.shape)} devices={n_devices} tokens/step={tokens_per_step} "
        f"MFU peak={peak:.3g} FLOP/s/device ({peak_src}); tok/s and MFU over the last "
        f"{int(t.throughput_window)} steps")

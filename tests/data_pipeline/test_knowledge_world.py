@@ -181,3 +181,22 @@ def test_knowledge_base_sentences_fit_one_demo_reference(tmp_path):
 def test_bad_settings_name_the_field(field, value):
   with pytest.raises(ValueError, match=f"data.knowledge_world.{field}"):
     kw.generate({field: value})
+
+
+def test_qa_by_person_keeps_a_persons_qa_together():
+  """qa_by_person: the same documents, each person's QA documents consecutive, so a
+  multi-chunk training sequence reads references about one person."""
+  settings = dict(seed=3, n_seen=6, n_memory_taught=12, n_unseen=3, paraphrases_seen=2)
+  flat = kw.generate(settings)
+  grouped = kw.generate(dict(settings, qa_by_person=1))
+  assert sorted(d.source for d in flat.train_documents) == \
+      sorted(d.source for d in grouped.train_documents)
+  assert grouped.eval_questions == flat.eval_questions
+  owners = [d.source.split("/")[2] for d in grouped.train_documents
+            if d.source.startswith("knowledge_world/qa/")]
+  runs = [o for i, o in enumerate(owners) if i == 0 or owners[i - 1] != o]
+  assert len(runs) == len(set(owners))  # one run per person
+  flat_owners = [d.source.split("/")[2] for d in flat.train_documents
+                 if d.source.startswith("knowledge_world/qa/")]
+  assert len([o for i, o in enumerate(flat_owners) if i == 0 or flat_owners[i - 1] != o]) > \
+      len(set(flat_owners))  # without it, shuffled apart

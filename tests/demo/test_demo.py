@@ -61,8 +61,15 @@ def test_every_stage_runs_and_summary_is_complete(first_run):
   assert mem["kv_bytes_per_memory"] == mem["costs_bytes_per_memory"]
   assert mem["bank_bytes"] >= mem["references"] * mem["kv_bytes_per_memory"]
   assert on_disk["targets"]["chance"] == pytest.approx(0.1)
-  for stage in ("warmup", "continual"):
+  for stage in ("warmup", "continual", "rag_reader"):
     assert len(on_disk["curves"][stage]["train_loss"]) == 2
+  # RAG is read from the reader trained for it; explicit and none from the continual run.
+  results = json.load(open(report.eval_results_file(wd)))
+  assert results["checkpoints"]["rag"] == os.path.join(wd, "rag_reader")
+  assert results["checkpoints"]["explicit"] == results["checkpoints"]["none"] == \
+      os.path.join(wd, "continual")
+  assert on_disk["rag_reader"] == "trained"
+  assert on_disk["train_step_seconds"]["explicit"] > 0 and on_disk["train_step_seconds"]["rag"] > 0
   for plot in report.PLOTS:
     path = os.path.join(wd, plot)
     with open(path, "rb") as f:
