@@ -5,7 +5,8 @@
       --config.train.init_from=runs/demo --config.data.workdir_data=runs/demo/data
 
 The stage comes from the config (`train.stage=warmup|continual|sft|dpo`; sft and
-dpo read the datasets of `m3jax prepare-chat`); a run resumes
+dpo read the datasets of `m3jax prepare-chat`; `train.reader=rag` trains the continual
+stage's text-RAG competitor on the same data); a run resumes
 from the newest checkpoint in --workdir by itself. Multi-host: see WORKSPACE.md
 (`--coordinator_address/--num_processes/--process_id` or the M3JAX_* variables;
 automatic on Cloud TPU and SLURM).
@@ -25,7 +26,7 @@ from m3jax import commands
 from m3jax.core import config as config_lib
 from m3jax.core import distributed
 
-CONFIG_FIELDS = ("train.stage", "train.steps", "train.lr", "train.schedule",
+CONFIG_FIELDS = ("train.stage", "train.reader", "train.steps", "train.lr", "train.schedule",
                  "train.warmup_steps", "train.init_from", "data.batch_size",
                  "data.workdir_data", "train.log_every", "train.checkpoint_every",
                  "train.eval_every")

@@ -115,6 +115,27 @@ def logical_shardings(boxed_tree: Any, mesh: jax.sharding.Mesh, rules: Rules) ->
   return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed_tree), mesh, rules)
 
 
+def check_divisible(abstract_tree: Any, shardings: Any, what: str = "parameter") -> None:
+  """Refuses a mesh that does not divide a sharded dimension, naming the array, its
+  dimension and the mesh axes (jax would fail later with an IndivisibleError)."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract_tree))
+  specs = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+  for (path, leaf), sh in zip(flat, specs):
+    spec = getattr(sh, "spec", ())
+    for dim, axes in enumerate(spec):
+      if axes is None or dim >= len(leaf.shape):
+        continue
+      names = axes if isinstance(axes, tuple) else (axes,)
+      ways = math.prod(sh.mesh.shape[a] for a in names)
+      if leaf.shape[dim] % ways:
+        name = jax.tree_util.keystr(path)
+        sizes = " x ".join(f"mesh.{a}={sh.mesh.shape[a]}" for a in names)
+        raise ConfigError(
+            f"config field `mesh`: {sizes} splits dimension {dim} of {what} {name} "
+            f"{tuple(leaf.shape)} into {ways} parts, which does not divide {leaf.shape[dim]}; "
+            f"choose sizes that divide it (e.g. move a factor to mesh.data)")
+
+
 def abstract_params(config: ModelConfig) -> Any:
   """Boxed abstract parameter tree (ShapeDtypeStructs in nn.Partitioned), no allocation."""
   tokens = jax.ShapeDtypeStruct((1, config.chunk_length), jnp.int32)

@@ -121,6 +121,7 @@ def build_context(cfg: ml_collections.ConfigDict,
         f"{n_batch_shards} batch shards of the mesh x train.grad_accum={cfg.train.grad_accum}")
   abstract = abstract_state(mc, tx, state_class(cfg))
   state_shardings = sharding_lib.logical_shardings(abstract, mesh, rules)
+  sharding_lib.check_divisible(abstract.params, state_shardings.params)
   batch_sharding = sharding_lib.logical_sharding(mesh, rules, ("batch",))
   return RunContext(cfg, mc, mesh, rules, tx, schedule, state_shardings, batch_sharding,
                     uses_memory(cfg))

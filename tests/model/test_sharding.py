@@ -100,3 +100,17 @@ def test_cache_shardings_follow_the_rules(sharded):
   assert shard.length.spec == P(("data", "fsdp"))
   placed = jax.device_put(cache, shard)
   assert placed.prefix_length == cache.prefix_length
+
+
+def test_mesh_that_does_not_divide_a_parameter_is_one_clear_error(tiny_config):
+  """fsdp 8 cannot split d_model 36: a ConfigError naming the array and the axis, before
+  jax's IndivisibleError deep inside a jit."""
+  from m3jax.core.config import ConfigError
+  from m3jax.training import loop
+  c = tiny_config.copy_and_resolve_references()
+  c.mesh.data, c.mesh.fsdp = 1, 8
+  c.model.update(d_model=36, head_dim=18, n_heads=2, n_kv_heads=2)
+  c.data.batch_size = 8
+  with pytest.raises(ConfigError, match=r"mesh.fsdp=8 splits dimension 1 of parameter "
+                     r"\['embed'\]\['embedding'\] \(\d+, 36\) into 8 parts"):
+    loop.build_context(c)
