@@ -189,6 +189,14 @@ def eval_checkpoints(workdir: str, s: dict[str, Any]) -> list[tuple[str, list[st
   return [(cont, [m for m in MODES if m != "rag"]), (os.path.join(workdir, "rag_reader"), ["rag"])]
 
 
+def rag_reader_references(cfg: ml_collections.ConfigDict) -> int:
+  """References a RAG reader's training record holds at most: one per chunk of a
+  sequence, so its evaluation reads that many (the lengths it trained on), at most the
+  memories explicit memory reads."""
+  mc = config_lib.model_config(cfg)
+  return min(mc.max_seq_len // mc.chunk_length, mc.memories_per_chunk)
+
+
 def _eval_stage(cfg: ml_collections.ConfigDict, workdir: str, s: dict[str, Any]
                 ) -> dict[str, Any]:
   root = workspace.data_root(cfg, workdir)
@@ -200,10 +208,19 @@ def _eval_stage(cfg: ml_collections.ConfigDict, workdir: str, s: dict[str, Any]
                                    bank_dir=workspace.bank_dir(workdir), log=_say)
     threshold = float(inf.cfg.data.eval_overlap_threshold)
     inf.retriever = inf.retriever.with_threshold(threshold)
-    got = eval_runner.run_all(inf, data, modes, batch_size=int(s["eval_batch_size"]),
-                              max_new_tokens=int(s["eval_max_new_tokens"]), log=_say)
-    for task, by_mode in got.items():
-      results.setdefault(task, {}).update(by_mode)
+    runs = [(modes, inf.retriever, "")]
+    if s["rag_reader"] and modes == ["rag"]:
+      k = rag_reader_references(cfg)
+      full = inf.retriever
+      inf.retriever = full.with_k(k)
+      if k < full.k:  # also beyond the trained lengths, as many references as memories
+        runs = [(modes, inf.retriever, ""), (modes, full, f"/{full.k}refs")]
+    for run_modes, retriever, suffix in runs:
+      inf.retriever = retriever
+      got = eval_runner.run_all(inf, data, run_modes, batch_size=int(s["eval_batch_size"]),
+                                max_new_tokens=int(s["eval_max_new_tokens"]), log=_say)
+      for task, by_mode in got.items():
+        results.setdefault(task, {}).update({m + suffix: r for m, r in by_mode.items()})
     for m in modes:
       paths[m], steps[m] = inf.paths, inf.step
     if hasattr(inf.memory_source, "close"):
@@ -213,6 +230,8 @@ def _eval_stage(cfg: ml_collections.ConfigDict, workdir: str, s: dict[str, Any]
                         paths=paths["explicit"], modes=list(MODES),
                         checkpoints={m: p["checkpoint"] for m, p in paths.items()},
                         rag_reader="trained" if s["rag_reader"] else "untrained",
+                        rag_references=(rag_reader_references(cfg) if s["rag_reader"] else
+                                        config_lib.model_config(cfg).memories_per_chunk),
                         leakage_filter_threshold=threshold,
                         items={k: len(v) for k, v in data.items()},
                         items_per_group={g: sum(it.group == g for it in mc) for g in GROUPS},
@@ -345,6 +364,7 @@ def run_demo(cfg: ml_collections.ConfigDict, workdir: str, *,
              lambda: os.path.exists(os.path.join(bank_dir, bank_format.MANIFEST_FILE)))
   eval_settings = {k: s[k] for k in ("eval_limit", "eval_batch_size", "eval_max_new_tokens",
                                      "eval_tasks", "perplexity_limit", "rag_reader")}
+  eval_settings["rag_references"] = rag_reader_references(cont_cfg)
   runner.run("eval", eval_settings, lambda: _eval_stage(cont_cfg, workdir, s),
              lambda: os.path.exists(report.eval_results_file(workdir)))
   bench_settings = dict(model=full["model"], bench={k: s[k] for k in s if k.startswith("bench")})

@@ -63,13 +63,14 @@ def build_summary(cfg: ml_collections.ConfigDict, workdir: str,
     if task not in res:
       continue
     qa[task] = {}
-    for mode in MODES:
+    for mode in list(MODES) + sorted(set(res[task]) - set(MODES)):
       v = _get(res, task, mode, metric)
       if isinstance(v, dict):
         qa[task][mode] = {g: v.get(g) for g in ("all",) + GROUPS}
       else:
         qa[task][mode] = {"all": v}
-  perplexity = {m: _get(res, "perplexity", m, "perplexity") for m in MODES}
+  perplexity = {m: _get(res, "perplexity", m, "perplexity")
+                for m in list(MODES) + sorted(set(res.get("perplexity", {})) - set(MODES))}
   coverage = {k: v["all"] for k, v in (_get(res, "kw_coverage", "explicit") or {}).items()
               if isinstance(v, dict)}
   tps = {m: _get(bench, "modes", m, "tokens_per_s") for m in MODES}
@@ -130,6 +131,7 @@ def build_summary(cfg: ml_collections.ConfigDict, workdir: str,
       perplexity=perplexity, memory_coverage=coverage,
       training={st: records[st]["result"]["last"] for st in trained},
       train_step_seconds=step_seconds, rag_reader="trained" if rag_trained else "untrained",
+      rag_references=ev.get("rag_references"),
       neighbors=records["neighbors"]["result"],
       decode_tokens_per_s=tps,
       decode_ratios=dict(explicit_over_none=bench.get("explicit_over_none"),
@@ -168,9 +170,10 @@ def format_summary(sm: dict[str, Any]) -> str:
       continue
     lines += ["", f"{title}; items per group {sm['qa_items']}"
               + (f"; chance {_pct(sm['targets']['chance'])}" if task == "kw_mc" else "")]
-    lines.append(f"  {'entities':<15}" + "".join(f"{m:>10}" for m in MODES))
+    cols = list(MODES) + [m for m in acc if m not in MODES]  # then labelled extras
+    lines.append(f"  {'entities':<15}" + "".join(f"{m:>12}" for m in cols))
     for g in GROUPS + ("all",):
-      lines.append(f"  {g:<15}" + "".join(f"{_pct(acc.get(m, {}).get(g)):>10}" for m in MODES))
+      lines.append(f"  {g:<15}" + "".join(f"{_pct(acc.get(m, {}).get(g)):>12}" for m in cols))
   steps = sm.get("train_step_seconds") or {}
   if steps.get("explicit") and steps.get("rag"):
     lines.append(f"\ntraining step (continual stage, same sequences): explicit memory "
@@ -178,7 +181,7 @@ def format_summary(sm: dict[str, Any]) -> str:
                  f"({steps['rag'] / steps['explicit']:.2f}x)")
   ppl = sm["perplexity"]
   lines += ["", "held-out perplexity: " + "  ".join(
-      f"{m} {'-' if ppl.get(m) is None else f'{ppl[m]:.2f}'}" for m in MODES)]
+      f"{m} {'-' if ppl.get(m) is None else f'{ppl[m]:.2f}'}" for m in ppl)]
   tps, rat = sm["decode_tokens_per_s"], sm["decode_ratios"]
   ds = sm["decode_setup"]
   lines.append(f"decoding tokens/s (batch {ds['batch']}, {ds['prompt_len']} in / "

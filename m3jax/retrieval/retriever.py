@@ -86,6 +86,12 @@ class Retriever:
                      tokenize=self.tokenize, overlap_threshold=threshold,
                      overfetch=self.overfetch)
 
+  def with_k(self, k: int) -> "Retriever":
+    """The same retriever returning `k` references per query."""
+    return Retriever(self.embedder, self.index, k=k, references=self.references,
+                     tokenize=self.tokenize, overlap_threshold=self.overlap_threshold,
+                     overfetch=self.overfetch)
+
   def retrieve(self, queries: Sequence[str],
                filter_texts: Sequence[str | None] | None = None) -> Retrieval:
     """Top-k references per query, leakage-filtered against `filter_texts[i]`.
